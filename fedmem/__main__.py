@@ -1,0 +1,5 @@
+import sys
+
+from fedmem.simulate import main
+
+sys.exit(main())

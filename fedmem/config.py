@@ -1,0 +1,386 @@
+"""Experiment configuration: one pydantic model per section, loaded from YAML plus overrides.
+
+An experiment is fully described by an :class:`ExperimentConfig`. It is built from a YAML file
+and dotted ``key=value`` overrides (``train.lr=0.05 data.noise.rate=0.4``), validated before any
+work starts, and hashed (:func:`config_hash`) to name the run directory.
+
+Every model forbids unknown keys and is frozen. Validation errors are turned into a single line
+that names the dotted key and what is allowed (:class:`ConfigError`); the CLI prints it and exits
+with code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fedmem.errors import ConfigError
+
+DATASETS = ("mnist1d", "digits", "mnist", "fashionmnist", "cifar10", "cifar100")
+MODELS = ("mlp", "cnn1d", "cnn", "resnet9")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data: source, label noise, outliers, canaries
+# ---------------------------------------------------------------------------------------------
+class NoiseConfig(_Section):
+    """Label noise applied to the training set (test labels stay clean)."""
+
+    kind: Literal["symmetric", "pair"] = Field(
+        "symmetric",
+        description="symmetric: a uniformly random *other* class; pair: class c -> (c+1) mod C",
+    )
+    rate: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of training examples whose label is flipped"
+    )
+    client_rates: dict[int, float] | None = Field(
+        None,
+        description="per-client rates {client_id: rate}; clients not listed stay clean. "
+        "Replaces `rate` when set.",
+    )
+
+    @field_validator("client_rates")
+    @classmethod
+    def _rates_in_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is None:
+            return v
+        for client, rate in v.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"rate for client {client} is {rate}; allowed: 0 <= rate < 1")
+            if client < 0:
+                raise ValueError(f"client id {client} is negative")
+        return dict(sorted(v.items()))
+
+
+class OutlierConfig(_Section):
+    """Atypical examples: inputs strongly corrupted, labels kept (Carlini et al. 2019)."""
+
+    share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of training examples made atypical"
+    )
+    kind: Literal["noise", "invert", "shuffle"] = Field(
+        "noise",
+        description="noise: x + strength*std*N(0,1); invert: x -> -x scaled; "
+        "shuffle: features permuted randomly",
+    )
+    strength: float = Field(2.0, gt=0.0, description="corruption strength (noise: std multiple)")
+
+
+class CanaryConfig(_Section):
+    """Canaries: random inputs with random labels, each inserted `repeats` times (Carlini 2019)."""
+
+    count: int = Field(0, ge=0, description="number of distinct canaries inserted")
+    repeats: int = Field(1, ge=1, description="copies of each canary in the training data")
+    num_clients: int = Field(
+        1, ge=1, description="how many clients hold canaries (chosen by the seed)"
+    )
+    clients_per_canary: int = Field(
+        1, ge=1, description="a canary's copies are spread over this many of those clients"
+    )
+    reference: int = Field(
+        100, ge=0, description="never-inserted canaries from the same distribution (exposure)"
+    )
+
+    @model_validator(mode="after")
+    def _spread(self) -> CanaryConfig:
+        if self.clients_per_canary > self.num_clients:
+            raise ValueError(
+                f"clients_per_canary={self.clients_per_canary} exceeds num_clients="
+                f"{self.num_clients}"
+            )
+        if self.clients_per_canary > self.repeats:
+            raise ValueError(
+                f"clients_per_canary={self.clients_per_canary} exceeds repeats={self.repeats}"
+            )
+        return self
+
+
+class Mnist1dConfig(_Section):
+    """Arguments of ``mnist1d.data.make_dataset`` that we expose (the rest keep its defaults)."""
+
+    num_samples: int = Field(5000, ge=100, description="examples generated (train + test)")
+    train_split: float = Field(0.8, gt=0.0, lt=1.0, description="share used for training")
+
+
+class DataConfig(_Section):
+    name: Literal[DATASETS] = Field("mnist1d", description="dataset: " + ", ".join(DATASETS))  # type: ignore[valid-type]
+    data_dir: Path | None = Field(
+        None, description="local folder with torchvision files (mnist/fashionmnist/cifar*)"
+    )
+    cache_dir: Path = Field(
+        Path(".cache/fedmem"), description="where generated datasets and tables are cached"
+    )
+    num_train: int | None = Field(None, ge=1, description="use a random subset of the train set")
+    num_test: int | None = Field(None, ge=1, description="use a random subset of the test set")
+    mnist1d: Mnist1dConfig = Mnist1dConfig()
+    noise: NoiseConfig = NoiseConfig()
+    outliers: OutlierConfig = OutlierConfig()
+    canaries: CanaryConfig = CanaryConfig()
+
+    @model_validator(mode="after")
+    def _needs_dir(self) -> DataConfig:
+        if self.name in ("mnist", "fashionmnist", "cifar10", "cifar100") and self.data_dir is None:
+            raise ValueError(
+                f"data.name={self.name} is read from local files: set data.data_dir to the folder "
+                "that holds them (nothing is downloaded)"
+            )
+        if self.noise.rate + self.outliers.share >= 1.0:
+            raise ValueError("noise.rate + outliers.share must stay below 1")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# partition, model, train, federation, output
+# ---------------------------------------------------------------------------------------------
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet", "shards"] = Field(
+        "dirichlet", description="iid, dirichlet (label skew by alpha), shards (k classes/client)"
+    )
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
+    classes_per_client: int = Field(2, ge=1, description="shards: classes per client")
+    min_size: int = Field(
+        2, ge=1, description="dirichlet: resample until every client holds at least this many"
+    )
+
+
+class ModelConfig(_Section):
+    name: Literal[MODELS] = Field("mlp", description="model: " + ", ".join(MODELS))  # type: ignore[valid-type]
+    hidden: int = Field(256, ge=1, description="mlp: width of the hidden layers")
+    depth: int = Field(2, ge=1, description="mlp: number of hidden layers")
+    channels: int = Field(32, ge=1, description="cnn / cnn1d / resnet9: base channel count")
+
+
+class TrainConfig(_Section):
+    """The one local training loop (central and every client)."""
+
+    rounds: int = Field(20, ge=1, description="rounds (central: same example visits per round)")
+    local_epochs: int = Field(1, ge=1, description="passes over the local data per round")
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, description="learning rate (> 0)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd momentum")
+    weight_decay: float = Field(0.0, ge=0.0)
+    proximal_mu: float = Field(0.0, ge=0.0, description="FedProx proximal term mu (0 = off)")
+    eval_batch_size: int = Field(4096, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="auto picks cuda when available"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for the central run (default: torch's)"
+    )
+
+
+class ClientResources(_Section):
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: float = Field(0.0, ge=0.0, description="fractional GPUs pack clients on one GPU")
+
+
+class FederationConfig(_Section):
+    enabled: bool = Field(True, description="also run the federated experiment")
+    num_clients: int = Field(10, ge=1)
+    strategy: str = Field("fedavg", description="server strategy name (see strategies/)")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of clients per round")
+    min_train_clients: int = Field(1, ge=1, description="a round with fewer is lost")
+    client_failure_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    client_resources: ClientResources = ClientResources()
+    ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")
+
+
+class OutputConfig(_Section):
+    dir: Path = Field(Path("runs"), description="parent folder of run directories")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name prefix")
+
+
+class ExperimentConfig(_Section):
+    seed: int = Field(0, ge=0, description="root of every random number in the experiment")
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> ExperimentConfig:
+        n = self.federation.num_clients
+        can = self.data.canaries
+        if can.count > 0 and can.num_clients > n:
+            raise _KeyedError(
+                "data.canaries.num_clients",
+                f"{can.num_clients} canary clients but federation.num_clients={n}; allowed: 1..{n}",
+            )
+        if self.data.noise.client_rates:
+            bad = [c for c in self.data.noise.client_rates if c >= n]
+            if bad:
+                raise _KeyedError(
+                    "data.noise.client_rates",
+                    f"client ids {bad} do not exist; allowed: 0..{n - 1}",
+                )
+        if self.federation.min_train_clients > n:
+            raise _KeyedError(
+                "federation.min_train_clients",
+                f"{self.federation.min_train_clients} exceeds federation.num_clients={n}",
+            )
+        if self.partition.kind == "shards" and self.partition.classes_per_client < 1:
+            raise _KeyedError("partition.classes_per_client", "must be >= 1")
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-section error that knows which dotted key it is about."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides, hashing
+# ---------------------------------------------------------------------------------------------
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=0.1", "data.noise.rate=0.4"]`` into a nested dict (values as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.problem})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is set to a value and also used as a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section that holds the key at ``loc`` (for unknown-key errors)."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "config"
+    kind = e["type"]
+    ctx = e.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+    if kind == "value_error":
+        inner = ctx.get("error")
+        if isinstance(inner, _KeyedError):
+            return f"{inner.key}: {inner}"
+        msg = str(inner) if inner is not None else e["msg"]
+        return f"{key}: {msg}"
+    given = e.get("input")
+    given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{key}: {e['msg'].lower()}{given_s}"
+
+
+def build(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict into an ExperimentConfig, or raise a one-line ConfigError."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    default_name: str | None = None,
+) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``default_name`` becomes ``output.name`` when neither the file nor the overrides set it.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file {p} does not exist; pass a YAML file from configs/")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of sections")
+        raw = loaded or {}
+    raw = _merge(raw, parse_overrides(overrides or []))
+    if default_name is not None and "name" not in (raw.get("output") or {}):
+        raw = _merge(raw, {"output": {"name": default_name}})
+    return build(raw)
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Resolved config as plain JSON-able data (paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """sha256 of the resolved config without the `output` section (where results go)."""
+    d = to_dict(cfg)
+    d.pop("output", None)
+    d["data"].pop("cache_dir", None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def describe_sections() -> str:
+    """Help text listing every config section and its keys (for ``--help``)."""
+    lines = ["config sections (override any key as section.key=value):"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+            else:
+                default = field.default
+                desc = f"  {field.description}" if field.description else ""
+                lines.append(f"  {key} = {default!s}{desc}")
+
+    walk(ExperimentConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Datasets: loading sources, corrupting training data, partitioning it over clients."""

@@ -1,0 +1,106 @@
+"""The experimenter's view: evaluate a model on the whole ExampleTable and the test set.
+
+:func:`fit_metrics` is a pure function of predictions and ground truth. It measures the
+early-learning / memorization split of Liu et al. 2020 (ELR, Fig. 1) and Arpit et al. 2017:
+on mislabeled examples, ``noisy_true_acc`` (predicting the true label: early learning) versus
+``noisy_memorized`` (predicting the given wrong label: memorization).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmem.data.table import ExampleTable
+
+Row = dict[str, Any]
+
+
+def _share(mask: torch.Tensor, hit: torch.Tensor) -> float | None:
+    """Mean of ``hit`` over ``mask``; None (JSON null) for an empty group."""
+    count = int(mask.sum())
+    return float(hit[mask].sum()) / count if count else None
+
+
+def fit_metrics(pred: torch.Tensor, table: ExampleTable) -> dict[str, float | None]:
+    """What the model fits on the training table, by example kind.
+
+    - ``train_acc_clean``: accuracy on regular examples (clean label, typical input).
+    - ``noisy_memorized``: share of mislabeled examples predicted as their *given wrong* label.
+    - ``noisy_true_acc``: share of mislabeled examples predicted as their *true* label.
+    - ``outlier_acc``: accuracy on atypical examples (their labels are correct).
+    - ``canary_acc``: share of inserted canary copies predicted as their random label.
+    """
+    on_obs = pred == table.y_obs
+    return {
+        "train_acc_clean": _share(table.is_clean, on_obs),
+        "noisy_memorized": _share(table.is_noisy, on_obs),
+        "noisy_true_acc": _share(table.is_noisy, pred == table.y_true),
+        "outlier_acc": _share(table.is_outlier, on_obs),
+        "canary_acc": _share(table.is_canary, on_obs),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` (eval mode, batched, on the model's device), on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> Row:
+    """Test accuracy and loss plus :func:`fit_metrics` on the training table."""
+    test_logits = predict(model, table.x_test, batch_size)
+    train_logits = predict(model, table.x, batch_size)
+    return {
+        "test_acc": float((test_logits.argmax(1) == table.y_test).float().mean()),
+        "test_loss": float(F.cross_entropy(test_logits, table.y_test)),
+        "train_loss": float(F.cross_entropy(train_logits, table.y_obs)),
+        **fit_metrics(train_logits.argmax(1), table),
+    }
+
+
+class Observer:
+    """Evaluates the model after every round and hands a metrics row to ``sink``.
+
+    Rows: ``{"run", "round", <evaluate() fields>, <extra fields>, "wall_s"}``; ``wall_s`` is
+    the time since :meth:`start`, evaluations included.
+    """
+
+    TIMING_FIELDS = ("wall_s",)
+
+    def __init__(
+        self,
+        table: ExampleTable,
+        run: str,
+        sink: Callable[[Row], None],
+        batch_size: int = 4096,
+    ):
+        self.table, self.run, self.sink, self.batch_size = table, run, sink, batch_size
+        self.rows: list[Row] = []
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __call__(self, round_: int, model: nn.Module, **extra: Any) -> Row:
+        metrics = evaluate(model, self.table, self.batch_size)
+        row = {"run": self.run, "round": round_, **metrics, **extra}
+        row["wall_s"] = round(time.perf_counter() - self._t0, 4)
+        self.rows.append(row)
+        self.sink(row)
+        return row
+
+
+def row_to_json(row: Row) -> str:
+    return json.dumps(row, sort_keys=False, allow_nan=False)

@@ -1,0 +1,167 @@
+"""``python -m fedmem.simulate``: the main job.
+
+    python -m fedmem.simulate [--config FILE] [--out DIR] [--force] [key=value ...]
+
+Loads and validates the config (bad input: one line, exit code 2, nothing written), builds the
+ExampleTable, runs the experiment into ``<out>/<name>-<hash8>/`` and prints the final table.
+A complete run directory is reused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import fedmem
+from fedmem import config as config_mod
+from fedmem.central import run_central
+from fedmem.config import ExperimentConfig
+from fedmem.data.table import ExampleTable, build_table
+from fedmem.errors import InputError
+from fedmem.models import build_model
+from fedmem.observer import Observer
+from fedmem.report import runs_table, summarize_rows
+from fedmem.rundir import RunDir
+
+DEFAULT_CONFIG = Path("configs") / "default.yaml"
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` in the working directory, else beside the installed package."""
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return Path(fedmem.__file__).resolve().parents[1] / DEFAULT_CONFIG
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedmem.simulate",
+        description="Run a fedmem experiment (central and federated) from a YAML config.",
+        epilog=config_mod.describe_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG})"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="parent folder of run directories (overrides output.dir)",
+    )
+    parser.add_argument("--force", action="store_true", help="recompute a complete run")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. train.lr=0.1 data.noise.rate=0.4",
+    )
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> ExperimentConfig:
+    path = args.config if args.config is not None else default_config_path()
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"output.dir={args.out}")
+    return config_mod.load(path, overrides, default_name=Path(path).stem)
+
+
+def prepare(cfg: ExperimentConfig) -> ExampleTable:
+    """Everything that can fail on bad input, before any result is written."""
+    table = build_table(cfg)
+    build_model(cfg.model, table.input_shape, table.num_classes)
+    return table
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _status(row: dict) -> str:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    return (
+        f"test {f(row['test_acc'])}  noisy mem {f(row['noisy_memorized'])}"
+        f"  noisy true {f(row['noisy_true_acc'])}"
+    )
+
+
+def run_experiment(
+    cfg: ExperimentConfig, table: ExampleTable, rd: RunDir, console: Console
+) -> dict:
+    """Run every part of the experiment into ``rd`` and return summary.json's content."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    rd.start(cfg)
+    t0 = time.perf_counter()
+    with _progress(console) as progress:
+        task = progress.add_task("central", total=cfg.train.rounds, status="")
+        observer = Observer(table, "central", rd.append_metrics, cfg.train.eval_batch_size)
+
+        def on_round(r: int, row: dict) -> None:
+            progress.update(task, completed=r, status=_status(row))
+
+        run_central(cfg, table, observer, on_round)
+    rows = rd.read_metrics()
+    runs = {
+        name: summarize_rows([r for r in rows if r["run"] == name])
+        for name in dict.fromkeys(r["run"] for r in rows)
+    }
+    summary = {
+        "name": cfg.output.name,
+        "config_hash": config_mod.config_hash(cfg),
+        "seed": cfg.seed,
+        "fedmem_version": fedmem.__version__,
+        "torch_version": torch.__version__,
+        "examples": {
+            "train": len(table),
+            "test": len(table.y_test),
+            "noisy": int(table.is_noisy.sum()),
+            "outliers": int(table.is_outlier.sum()),
+            "canary_copies": int(table.is_canary.sum()),
+        },
+        "runs": runs,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    rd.write_json("summary.json", summary)
+    rd.finish()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        cfg = load_config(args)
+        rd = RunDir.for_config(cfg)
+        if rd.complete and not args.force:
+            summary = rd.read_summary()
+            console.print(f"cached: {rd.path} is complete (use --force to recompute)")
+        else:
+            table = prepare(cfg)
+            summary = run_experiment(cfg, table, rd, console)
+    except InputError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    console.print(runs_table(summary["runs"], title=f"{cfg.output.name}  ({rd.path})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Flower server strategies by name (thin wrappers over ``flwr.serverapp.strategy``)."""

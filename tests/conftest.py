@@ -1,0 +1,36 @@
+"""Shared fixtures: small, fast experiment configs and tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A shared cache so MNIST-1D is generated once per test session machine.
+CACHE = REPO / ".cache" / "fedmem-tests"
+
+
+def small_overrides(tmp_path: Path) -> list[str]:
+    """Overrides that make the default config tiny: 1000 MNIST-1D examples, 3 rounds."""
+    return [
+        f"data.cache_dir={CACHE}",
+        "data.mnist1d.num_samples=1000",
+        f"output.dir={tmp_path / 'runs'}",
+        "train.rounds=3",
+        "model.hidden=64",
+        "federation.num_clients=4",
+        "data.canaries.num_clients=2",
+    ]
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    from fedmem import config
+
+    return config.load(REPO / "configs" / "default.yaml", small_overrides(tmp_path))

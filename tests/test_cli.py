@@ -1,0 +1,132 @@
+"""End-to-end CLI: a small real run, caching, --force, determinism and input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedmem.observer import Observer
+from fedmem.simulate import main
+from tests.conftest import REPO, small_overrides
+
+CENTRAL_ONLY = ["federation.enabled=false"]
+
+
+def _run_dir(tmp_path):
+    (d,) = (tmp_path / "runs").iterdir()
+    return d
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_run_cache_and_force(tmp_path, capsys):
+    args = small_overrides(tmp_path) + CENTRAL_ONLY
+    assert main(args) == 0
+    run_dir = _run_dir(tmp_path)
+    assert run_dir.name.startswith("default-") and len(run_dir.name) == len("default-") + 8
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "COMPLETE"):
+        assert (run_dir / name).is_file(), name
+    rows = _metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert {r["run"] for r in rows} == {"central"}
+    for key in ("test_acc", "test_loss", "train_acc_clean", "noisy_memorized",
+                "noisy_true_acc", "outlier_acc", "canary_acc", "wall_s"):
+        assert key in rows[-1], key
+    # learning happened: test accuracy above chance (10 classes) and above the initial model
+    assert rows[-1]["test_acc"] > max(0.2, rows[0]["test_acc"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    central = summary["runs"]["central"]
+    assert central["test_acc"] == rows[-1]["test_acc"]
+    assert central["rounds"] == 3
+    assert summary["examples"]["noisy"] == round(0.2 * 800)
+    out = capsys.readouterr().out
+    assert "central" in out and "test" in out
+
+    # a complete run is not recomputed
+    mtime = (run_dir / "metrics.jsonl").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "cached" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+    # --force recomputes, and gives the same metrics apart from timing
+    assert main(["--force", *args]) == 0
+    again = _metrics(run_dir)
+    strip = [{k: v for k, v in r.items() if k not in Observer.TIMING_FIELDS} for r in rows]
+    assert strip == [{k: v for k, v in r.items() if k not in Observer.TIMING_FIELDS}
+                     for r in again]
+
+
+def test_same_config_twice_gives_identical_metrics_bytes(tmp_path):
+    outs = []
+    for sub in ("a", "b"):
+        args = small_overrides(tmp_path / sub) + CENTRAL_ONLY
+        assert main(args) == 0
+        text = (_run_dir(tmp_path / sub) / "metrics.jsonl").read_text()
+        rows = [json.loads(line) for line in text.splitlines()]
+        for r in rows:
+            for k in Observer.TIMING_FIELDS:
+                r.pop(k)
+        outs.append("\n".join(json.dumps(r) for r in rows))
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.noise.rate=1.5", "data.noise.rate"),
+        ("train.lr=-1", "train.lr"),
+        ("data.canaries.num_clients=50", "data.canaries.num_clients"),
+        ("nonsense.key=1", "nonsense"),
+    ],
+)
+def test_config_error_exits_2_and_writes_nothing(tmp_path, override, key):
+    args = [*small_overrides(tmp_path), override]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmem.simulate", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_dir_exits_2(tmp_path, capsys):
+    args = [*small_overrides(tmp_path), "data.name=mnist", f"data.data_dir={tmp_path / 'none'}",
+            "model.name=cnn"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.data_dir") and "train-images-idx3-ubyte" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_interrupted_run_is_not_complete_and_is_redone(tmp_path, monkeypatch):
+    import fedmem.simulate as sim
+
+    args = small_overrides(tmp_path) + CENTRAL_ONLY
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim, "summarize_rows", boom)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    run_dir = _run_dir(tmp_path)
+    assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "COMPLETE").exists()
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (run_dir / "COMPLETE").is_file()
+    assert len(_metrics(run_dir)) == 4  # redone from scratch, not appended
+
+
+def test_help_lists_config_sections():
+    proc = subprocess.run([sys.executable, "-m", "fedmem.simulate", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for key in ("data.noise.rate", "partition.alpha", "train.lr", "federation.num_clients"):
+        assert key in proc.stdout
