@@ -16,8 +16,8 @@ from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
 from fedmem.models import build_model
 from fedmem.observer import Observer
-from fedmem.seeding import derive_seed, torch_gen
-from fedmem.train import make_optimizer, train_epochs
+from fedmem.seeding import derive_seed
+from fedmem.train import keyed_order, make_optimizer, train_epochs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,11 +31,6 @@ def init_model(cfg: ExperimentConfig, table: ExampleTable) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         return build_model(cfg.model, table.input_shape, table.num_classes)
-
-
-def batch_generator(cfg: ExperimentConfig, round_: int, stream: str | int) -> torch.Generator:
-    """Batch order of one round for one stream ("central" or a client's partition id)."""
-    return torch_gen(cfg.seed, "batches", round_, stream)
 
 
 def run_central(
@@ -60,15 +55,8 @@ def run_central(
         on_round(0, row)
     examples = 0
     for r in range(1, cfg.train.rounds + 1):
-        res = train_epochs(
-            model,
-            x,
-            y,
-            cfg.train,
-            batch_generator(cfg, r, "central"),
-            optimizer=optimizer,
-            rows=rows,
-        )
+        order = keyed_order(cfg.seed, r, rows, len(table))
+        res = train_epochs(model, x, y, cfg.train, order, optimizer=optimizer, rows=rows)
         examples += res.examples
         row = observer(r, model, round_loss=res.loss, examples=examples)
         if on_round:

@@ -195,8 +195,13 @@ class FederationConfig(_Section):
     enabled: bool = Field(True, description="also run the federated experiment")
     num_clients: int = Field(10, ge=1)
     strategy: str = Field("fedavg", description="server strategy name (see strategies/)")
+    strategy_args: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="extra strategy arguments, e.g. {eta: 0.01}"
+    )
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of clients per round")
-    min_train_clients: int = Field(1, ge=1, description="a round with fewer is lost")
+    min_train_clients: int = Field(
+        1, ge=1, description="clients per round at least; a round with fewer successes is lost"
+    )
     client_failure_rate: float = Field(0.0, ge=0.0, lt=1.0)
     client_resources: ClientResources = ClientResources()
     ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")

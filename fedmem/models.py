@@ -149,7 +149,10 @@ def _image(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
 
 
 def _cnn(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CNN(_image(shape, "cnn"), cfg.channels, classes)
+    c, h, w = _image(shape, "cnn")
+    if h < 4 or w < 4:
+        raise ConfigError(f"model.name=cnn needs images of at least 4x4, got {h}x{w}")
+    return CNN((c, h, w), cfg.channels, classes)
 
 
 def _resnet9(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import fedmem
 from fedmem import config as config_mod
 from fedmem.central import run_central
 from fedmem.config import ExperimentConfig
-from fedmem.data.table import ExampleTable, build_table
+from fedmem.data.table import ExampleTable, cached_table
 from fedmem.errors import InputError
 from fedmem.models import build_model
 from fedmem.observer import Observer
@@ -75,8 +76,12 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def prepare(cfg: ExperimentConfig) -> ExampleTable:
     """Everything that can fail on bad input, before any result is written."""
-    table = build_table(cfg)
+    table = cached_table(cfg)
     build_model(cfg.model, table.input_shape, table.num_classes)
+    if cfg.federation.enabled:
+        import strategies
+
+        strategies.validate(cfg)
     return table
 
 
@@ -109,14 +114,34 @@ def run_experiment(
         torch.set_num_threads(cfg.train.threads)
     rd.start(cfg)
     t0 = time.perf_counter()
+    timing: dict[str, float] = {}
     with _progress(console) as progress:
-        task = progress.add_task("central", total=cfg.train.rounds, status="")
+
+        def tracker(name: str) -> Callable[[int, dict], None]:
+            task = progress.add_task(name, total=cfg.train.rounds, status="")
+
+            def on_round(r: int, row: dict) -> None:
+                progress.update(task, completed=r, status=_status(row))
+
+            return on_round
+
         observer = Observer(table, "central", rd.append_metrics, cfg.train.eval_batch_size)
+        run_central(cfg, table, observer, tracker("central"))
+        if cfg.federation.enabled:
+            from fedmem.federation.engine import run_federated
+            from fedmem.federation.server_app import FederatedJob
 
-        def on_round(r: int, row: dict) -> None:
-            progress.update(task, completed=r, status=_status(row))
-
-        run_central(cfg, table, observer, on_round)
+            job = FederatedJob(
+                cfg,
+                table,
+                Observer(table, "federated", rd.append_metrics, cfg.train.eval_batch_size),
+                client_sink=lambda row: rd.append_jsonl("clients.jsonl", row),
+                on_round=tracker("federated"),
+            )
+            progress.console.print("federated: starting Ray and the Flower simulation ...")
+            eng = run_federated(job)
+            timing = {"ray_start_s": round(eng.ray_start_s, 3),
+                      "federated_simulation_s": round(eng.simulation_s, 3)}
     rows = rd.read_metrics()
     runs = {
         name: summarize_rows([r for r in rows if r["run"] == name])
@@ -137,6 +162,7 @@ def run_experiment(
         },
         "runs": runs,
         "wall_s": round(time.perf_counter() - t0, 3),
+        **timing,
     }
     rd.write_json("summary.json", summary)
     rd.finish()

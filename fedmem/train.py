@@ -2,7 +2,13 @@
 
 The fairness of the central-vs-federated comparison rests on both calling :func:`train_epochs`
 with the same optimizer settings. Batches index tensors directly (a DataLoader costs about 2x
-on small models); the batch order comes from a seeded ``torch.Generator``.
+on small models).
+
+Batch order (:func:`keyed_order`): in each round and epoch every example of the whole table
+draws a random key from the stream ``(seed, "order", round, epoch)`` and each trainer visits its
+own examples by ascending key. Orders are thus independent across clients, the central and the
+federated run see their examples in the same relative order (common random numbers), and a
+single client holding all the data trains exactly like the central run.
 
 Hooks (:class:`TrainHook`) are where differential privacy and regularizers plug in:
 ``prepare`` may wrap the model and optimizer (Opacus), ``extra_loss`` adds a term to the
@@ -11,7 +17,7 @@ mini-batch loss (ELR, penalties), ``after_step`` runs after every optimizer step
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmem.config import TrainConfig
+from fedmem.seeding import torch_gen
+
+BatchOrder = Callable[[int], torch.Tensor]  # epoch -> permutation of local positions
 
 
 class TrainHook:
@@ -46,6 +55,16 @@ class TrainResult:
     steps: int  # optimizer steps
 
 
+def keyed_order(seed: int, round_: int, rows: torch.Tensor, table_size: int) -> BatchOrder:
+    """Visit order of the table rows ``rows`` in each epoch of round ``round_`` (see above)."""
+
+    def order(epoch: int) -> torch.Tensor:
+        keys = torch.rand(table_size, generator=torch_gen(seed, "order", round_, epoch))
+        return torch.argsort(keys[rows], stable=True)
+
+    return order
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -71,7 +90,7 @@ def train_epochs(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: TrainConfig,
-    generator: torch.Generator,
+    order: BatchOrder,
     *,
     optimizer: torch.optim.Optimizer | None = None,
     rows: torch.Tensor | None = None,
@@ -81,6 +100,7 @@ def train_epochs(
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) passes over (x, y).
 
+    ``order(epoch)`` gives the visit order of the local examples (:func:`keyed_order`).
     ``x``/``y`` live on the model's device. ``rows`` are the ExampleTable row ids of ``x`` (for
     hooks keyed by example); ``anchor`` is the global model for the proximal term when
     ``cfg.proximal_mu > 0``. Pass ``optimizer`` to keep its state across calls (central run);
@@ -97,10 +117,10 @@ def train_epochs(
     model.train()
     total = torch.zeros((), device=x.device)
     visits, steps = 0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+    for epoch in range(epochs):
+        perm = order(epoch)
         for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+            idx = perm[start : start + cfg.batch_size]
             idx_dev = idx.to(x.device)
             xb, yb = x[idx_dev], y[idx_dev]
             logits = model(xb)

@@ -1,1 +1,104 @@
-"""Flower server strategies by name (thin wrappers over ``flwr.serverapp.strategy``)."""
+"""Flower server strategies by name: thin wrappers over ``flwr.serverapp.strategy``.
+
+``build_strategy(cfg)`` returns the named Flower strategy with fedmem's
+:class:`~strategies.sampling.PartitionSampled` mixin in front (reproducible sampling by
+partition id, per-client metrics, lost rounds). Strategy-specific arguments come from
+``federation.strategy_args`` (e.g. ``{eta: 0.01}`` for fedadam, ``{num_malicious_nodes: 1}``
+for krum); the FedProx mu is ``train.proximal_mu``, applied by the clients' training loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from flwr.serverapp import strategy as flwr_strategy
+
+from fedmem.config import ExperimentConfig
+from fedmem.errors import ConfigError
+from strategies.sampling import (
+    PartitionSampled,
+    RoundReport,
+    sample_partitions,
+    with_partition_sampling,
+)
+
+REGISTRY: dict[str, type] = {
+    "fedavg": flwr_strategy.FedAvg,
+    "fedprox": flwr_strategy.FedProx,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedmedian": flwr_strategy.FedMedian,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "krum": flwr_strategy.Krum,
+    "multikrum": flwr_strategy.MultiKrum,
+    "bulyan": flwr_strategy.Bulyan,
+}
+
+# Sampling is ours (PartitionSampled); the parent samples every node it is shown.
+_FIXED = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 0.0,
+    "min_train_nodes": 1,
+    "min_evaluate_nodes": 0,
+    "min_available_nodes": 1,
+}
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Config errors that would otherwise surface mid-run (or make Flower wait forever)."""
+    fed = cfg.federation
+    if fed.strategy not in REGISTRY:
+        raise ConfigError(
+            f"federation.strategy: unknown {fed.strategy!r}; allowed: {', '.join(REGISTRY)}"
+        )
+    cls = REGISTRY[fed.strategy]
+    params = inspect.signature(cls.__init__).parameters
+    for key in fed.strategy_args:
+        if key not in params or key in _FIXED or key in ("self", "proximal_mu"):
+            allowed = sorted(k for k in params if k not in _FIXED and k not in
+                             ("self", "proximal_mu", "train_metrics_aggr_fn",
+                              "evaluate_metrics_aggr_fn", "arrayrecord_key", "configrecord_key",
+                              "weighted_by_key"))
+            raise ConfigError(
+                f"federation.strategy_args.{key}: not an argument of {fed.strategy}; "
+                f"allowed: {', '.join(allowed) or 'none'}"
+            )
+    if fed.strategy == "fedprox" and cfg.train.proximal_mu <= 0:
+        raise ConfigError("train.proximal_mu: federation.strategy=fedprox needs a value > 0")
+    per_round = len(sample_partitions(cfg.seed, 1, fed.num_clients, fed.fraction_train,
+                                      fed.min_train_clients))
+    f = int(fed.strategy_args.get("num_malicious_nodes", 0))
+    if fed.strategy in ("krum", "multikrum") and per_round < 2 * f + 3:
+        raise ConfigError(
+            f"federation.strategy_args.num_malicious_nodes: {fed.strategy} with f={f} needs at "
+            f"least {2 * f + 3} clients per round, the config gives {per_round}"
+        )
+    if fed.strategy == "bulyan" and per_round < 4 * f + 3:
+        raise ConfigError(
+            f"federation.strategy_args.num_malicious_nodes: bulyan with f={f} needs at least "
+            f"{4 * f + 3} clients per round, the config gives {per_round}"
+        )
+
+
+def build_strategy(cfg: ExperimentConfig) -> PartitionSampled:
+    """The configured strategy, ready for ``Strategy.start`` once ``set_nodes`` is called."""
+    validate(cfg)
+    fed = cfg.federation
+    cls = with_partition_sampling(REGISTRY[fed.strategy])
+    kwargs: dict[str, Any] = {**_FIXED, **fed.strategy_args}
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = cfg.train.proximal_mu
+    strategy = cls(**kwargs)
+    strategy.setup_fedmem(
+        seed=cfg.seed,
+        num_clients=fed.num_clients,
+        fraction_train=fed.fraction_train,
+        min_train_clients=fed.min_train_clients,
+    )
+    return strategy
+
+
+__all__ = ["REGISTRY", "RoundReport", "build_strategy", "sample_partitions", "validate"]

@@ -34,8 +34,16 @@ def test_end_to_end_run_cache_and_force(tmp_path, capsys):
     rows = _metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert {r["run"] for r in rows} == {"central"}
-    for key in ("test_acc", "test_loss", "train_acc_clean", "noisy_memorized",
-                "noisy_true_acc", "outlier_acc", "canary_acc", "wall_s"):
+    for key in (
+        "test_acc",
+        "test_loss",
+        "train_acc_clean",
+        "noisy_memorized",
+        "noisy_true_acc",
+        "outlier_acc",
+        "canary_acc",
+        "wall_s",
+    ):
         assert key in rows[-1], key
     # learning happened: test accuracy above chance (10 classes) and above the initial model
     assert rows[-1]["test_acc"] > max(0.2, rows[0]["test_acc"])
@@ -57,8 +65,7 @@ def test_end_to_end_run_cache_and_force(tmp_path, capsys):
     assert main(["--force", *args]) == 0
     again = _metrics(run_dir)
     strip = [{k: v for k, v in r.items() if k not in Observer.TIMING_FIELDS} for r in rows]
-    assert strip == [{k: v for k, v in r.items() if k not in Observer.TIMING_FIELDS}
-                     for r in again]
+    assert strip == [{k: v for k, v in r.items() if k not in Observer.TIMING_FIELDS} for r in again]
 
 
 def test_same_config_twice_gives_identical_metrics_bytes(tmp_path):
@@ -88,7 +95,10 @@ def test_config_error_exits_2_and_writes_nothing(tmp_path, override, key):
     args = [*small_overrides(tmp_path), override]
     proc = subprocess.run(
         [sys.executable, "-m", "fedmem.simulate", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -97,8 +107,12 @@ def test_config_error_exits_2_and_writes_nothing(tmp_path, override, key):
 
 
 def test_missing_data_dir_exits_2(tmp_path, capsys):
-    args = [*small_overrides(tmp_path), "data.name=mnist", f"data.data_dir={tmp_path / 'none'}",
-            "model.name=cnn"]
+    args = [
+        *small_overrides(tmp_path),
+        "data.name=mnist",
+        f"data.data_dir={tmp_path / 'none'}",
+        "model.name=cnn",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.data_dir") and "train-images-idx3-ubyte" in err
@@ -125,8 +139,13 @@ def test_interrupted_run_is_not_complete_and_is_redone(tmp_path, monkeypatch):
 
 
 def test_help_lists_config_sections():
-    proc = subprocess.run([sys.executable, "-m", "fedmem.simulate", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmem.simulate", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
     for key in ("data.noise.rate", "partition.alpha", "train.lr", "federation.num_clients"):
         assert key in proc.stdout

@@ -68,6 +68,13 @@ def test_hash_ignores_output_but_not_seed():
 
 def test_help_lists_sections():
     text = config.describe_sections()
-    for section in ("data.noise.rate", "partition.kind", "model.name", "train.lr",
-                    "federation.num_clients", "output.dir", "seed"):
+    for section in (
+        "data.noise.rate",
+        "partition.kind",
+        "model.name",
+        "train.lr",
+        "federation.num_clients",
+        "output.dir",
+        "seed",
+    ):
         assert section in text

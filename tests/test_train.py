@@ -6,8 +6,7 @@ import torch
 
 from fedmem.config import ModelConfig, TrainConfig
 from fedmem.models import build_model
-from fedmem.seeding import torch_gen
-from fedmem.train import TrainHook, proximal_term, train_epochs
+from fedmem.train import TrainHook, keyed_order, proximal_term, train_epochs
 
 
 def _data(n: int = 512, d: int = 20, classes: int = 4, seed: int = 0):
@@ -15,6 +14,10 @@ def _data(n: int = 512, d: int = 20, classes: int = 4, seed: int = 0):
     w = torch.randn(d, classes, generator=g)
     x = torch.randn(n, d, generator=g)
     return x, (x @ w).argmax(1)
+
+
+def _order(n: int, round_: int = 1):
+    return keyed_order(0, round_, torch.arange(n), n)
 
 
 def _model(seed: int = 0, d: int = 20, classes: int = 4) -> torch.nn.Module:
@@ -26,9 +29,9 @@ def test_loss_falls():
     x, y = _data()
     model = _model()
     cfg = TrainConfig(lr=0.1, batch_size=32)
-    first = train_epochs(model, x, y, cfg, torch_gen(0, "b", 1))
+    first = train_epochs(model, x, y, cfg, _order(len(y), 1))
     for r in range(2, 6):
-        last = train_epochs(model, x, y, cfg, torch_gen(0, "b", r))
+        last = train_epochs(model, x, y, cfg, _order(len(y), r))
     assert first.examples == 512 and first.steps == 16
     assert last.loss < 0.5 * first.loss
 
@@ -38,7 +41,7 @@ def test_same_seed_same_weights_other_seed_differs():
     cfg = TrainConfig(lr=0.1, batch_size=32)
     models = [_model(), _model(), _model()]
     for m, s in zip(models, (1, 1, 2), strict=True):
-        train_epochs(m, x, y, cfg, torch_gen(0, "b", s))
+        train_epochs(m, x, y, cfg, _order(len(y), s))
     p = [torch.cat([q.flatten() for q in m.parameters()]) for m in models]
     assert torch.equal(p[0], p[1])
     assert not torch.allclose(p[0], p[2])
@@ -46,7 +49,7 @@ def test_same_seed_same_weights_other_seed_differs():
 
 def test_epochs_and_partial_batches():
     x, y = _data(n=100)
-    res = train_epochs(_model(), x, y, TrainConfig(batch_size=32, local_epochs=3), torch_gen(0))
+    res = train_epochs(_model(), x, y, TrainConfig(batch_size=32, local_epochs=3), _order(len(y)))
     assert res.examples == 300 and res.steps == 12  # 4 batches (32, 32, 32, 4) x 3
 
 
@@ -57,8 +60,14 @@ def test_proximal_term_pulls_towards_anchor():
     dist = {}
     for mu in (0.0, 10.0):
         m = _model()
-        train_epochs(m, x, y, TrainConfig(lr=0.1, batch_size=32, proximal_mu=mu, local_epochs=3),
-                     torch_gen(0), anchor=anchor)
+        train_epochs(
+            m,
+            x,
+            y,
+            TrainConfig(lr=0.1, batch_size=32, proximal_mu=mu, local_epochs=3),
+            _order(len(y)),
+            anchor=anchor,
+        )
         dist[mu] = float(proximal_term(m, anchor, 2.0).detach())  # = ||w - w0||^2
     assert dist[10.0] < 0.5 * dist[0.0]
 
@@ -68,7 +77,7 @@ def test_adam_and_weight_decay_run_and_differ():
     out = []
     for cfg in (TrainConfig(optimizer="adam", lr=0.01), TrainConfig(weight_decay=0.1)):
         m = _model()
-        train_epochs(m, x, y, cfg, torch_gen(0))
+        train_epochs(m, x, y, cfg, _order(len(y)))
         out.append(torch.cat([q.flatten() for q in m.parameters()]))
     assert not torch.allclose(out[0], out[1])
 
@@ -89,11 +98,19 @@ def test_hooks_see_rows_and_add_loss():
 
     rows = torch.arange(1000, 1064)
     m = _model()
-    train_epochs(m, x, y, TrainConfig(batch_size=16, lr=0.05), torch_gen(0), rows=rows,
-                 hooks=[Probe()], epochs=5)
+    train_epochs(
+        m,
+        x,
+        y,
+        TrainConfig(batch_size=16, lr=0.05),
+        _order(len(y)),
+        rows=rows,
+        hooks=[Probe()],
+        epochs=5,
+    )
     assert Probe.steps == 20
     assert torch.equal(torch.sort(torch.cat(seen[:4])).values, rows)
     plain = _model()
-    train_epochs(plain, x, y, TrainConfig(batch_size=16, lr=0.05), torch_gen(0), epochs=5)
+    train_epochs(plain, x, y, TrainConfig(batch_size=16, lr=0.05), _order(len(y)), epochs=5)
     with torch.no_grad():
         assert m(x).abs().mean() < 0.2 * plain(x).abs().mean()

@@ -54,7 +54,7 @@ def corrupt_inputs(
     if kind == "invert":
         return (-strength * x).astype(np.float32)
     if kind == "shuffle":
-        flat = x.reshape(len(x), -1)
+        flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
         order = np.argsort(rng.random(flat.shape), axis=1)
         return np.take_along_axis(flat, order, axis=1).reshape(x.shape)
     raise ValueError(f"unknown outlier kind {kind!r}")

@@ -12,13 +12,16 @@ canary copies follow. Never-inserted reference canaries are kept beside the tabl
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedmem.config import ExperimentConfig
+from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data import corrupt
 from fedmem.data.partition import partition
 from fedmem.data.sources import Source, load_source
@@ -70,7 +73,8 @@ class ExampleTable:
         for f in fields(self):
             v = getattr(self, f.name)
             arrays[f.name] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-        tmp = Path(path).with_suffix(".tmp.npz")
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
 
@@ -167,3 +171,31 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
         num_classes=num_classes,
         num_clients=num_clients,
     )
+
+
+def table_key(cfg: ExperimentConfig) -> str:
+    """Hash of everything the table depends on: seed, data (not its cache), partition, clients."""
+    d = to_dict(cfg)
+    d["data"].pop("cache_dir", None)
+    blob = json.dumps(
+        [d["seed"], d["data"], d["partition"], d["federation"]["num_clients"]], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_table(cfg: ExperimentConfig) -> ExampleTable:
+    """:func:`build_table`, cached on disk under ``data.cache_dir/tables/`` by :func:`table_key`.
+
+    Federated clients call this to rebuild their partition from the config alone; on one
+    machine they read the file the driver wrote, on a cluster each node builds it once.
+    """
+    path = Path(cfg.data.cache_dir) / "tables" / f"{table_key(cfg)}.npz"
+    if path.is_file():
+        try:
+            return ExampleTable.load(path)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a torn or stale file: rebuild
+    table = build_table(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table

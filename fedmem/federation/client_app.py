@@ -1,0 +1,113 @@
+"""The Flower ClientApp: one federated client, training with the shared loop of ``train.py``.
+
+Each message carries the resolved experiment config (JSON in the ConfigRecord under
+``"experiment"``); the client rebuilds the ExampleTable from it (cached on disk by its hash and
+in the actor's memory), takes its own rows by partition id, and trains them exactly as the
+central run would (same loop, same batch-order keys). State that must survive rounds lives in
+``context.state`` (here: the number of rounds this client has trained).
+
+Message handlers:
+- ``query``: reply with the partition id (the server maps random node ids to partitions).
+- ``train``: local training from the received global model; reply with weights and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmem import config as config_mod
+from fedmem.central import resolve_device
+from fedmem.config import ExperimentConfig
+from fedmem.data.table import ExampleTable, cached_table
+from fedmem.models import build_model
+from fedmem.seeding import np_rng
+from fedmem.train import keyed_order, train_epochs
+
+app = ClientApp()
+
+_STATE_KEY = "fedmem"
+_cache: dict[str, tuple[ExperimentConfig, ExampleTable]] = {}
+
+
+class InjectedClientFailure(RuntimeError):
+    """Raised on purpose (``federation.client_failure_rate``) to simulate a client dropping out."""
+
+
+def experiment(text: str) -> tuple[ExperimentConfig, ExampleTable]:
+    """The config and table for a message's experiment JSON (cached per actor process)."""
+    if text not in _cache:
+        cfg = config_mod.build(json.loads(text))
+        _cache.clear()
+        _cache[text] = (cfg, cached_table(cfg))
+    return _cache[text]
+
+
+def fails(cfg: ExperimentConfig, round_: int, partition_id: int) -> bool:
+    """Whether this client fails this round (seeded, so reruns fail the same clients)."""
+    rate = cfg.federation.client_failure_rate
+    return rate > 0 and np_rng(cfg.seed, "failure", round_, partition_id).random() < rate
+
+
+def client_device(cfg: ExperimentConfig) -> torch.device:
+    """cuda when the client was given a GPU share by Ray (or train.device asks), else cpu."""
+    if cfg.federation.client_resources.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return resolve_device(cfg.train.device)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"info": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    conf = msg.content["config"]
+    cfg, table = experiment(str(conf["experiment"]))
+    round_ = int(conf["server-round"])
+    pid = int(context.node_config["partition-id"])
+    if fails(cfg, round_, pid):
+        raise InjectedClientFailure(f"client {pid} failed in round {round_} (injected)")
+    torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
+    device = client_device(cfg)
+
+    model = build_model(cfg.model, table.input_shape, table.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    anchor = None
+    if cfg.train.proximal_mu > 0:
+        anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    rows = table.client_rows(pid)
+    x, y = table.x[rows].to(device), table.y_obs[rows].to(device)
+    order = keyed_order(cfg.seed, round_, rows, len(table))
+    result = train_epochs(model, x, y, cfg.train, order, rows=rows, anchor=anchor)
+
+    state = context.state.get(_STATE_KEY)
+    rounds_trained = int(state["rounds-trained"]) + 1 if state is not None else 1
+    context.state[_STATE_KEY] = ConfigRecord({"rounds-trained": rounds_trained})
+
+    metrics = MetricRecord(
+        {
+            "num-examples": len(rows),
+            "partition-id": pid,
+            "train-loss": result.loss,
+            "examples": result.examples,
+            "steps": result.steps,
+            "noisy-share": float(table.is_noisy[rows].float().mean()) if len(rows) else 0.0,
+            "rounds-trained": rounds_trained,
+            "train-s": time.perf_counter() - t0,
+        }
+    )
+    model.cpu()
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
+        reply_to=msg,
+    )

@@ -1,0 +1,131 @@
+"""The Flower ServerApp: map nodes to partitions, run the strategy, observe every round.
+
+The ServerApp runs in a thread of the driver process (``run_simulation``), so it is built
+around a :class:`FederatedJob` that holds the config, the ExampleTable and the observer. The
+observer sees the global model after every round through the strategy's ``evaluate_fn``
+(round 0 = the initial model, the same weights as the central run's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+
+from fedmem.central import init_model
+from fedmem.config import ExperimentConfig, to_dict
+from fedmem.data.table import ExampleTable
+from fedmem.observer import Observer
+from strategies import build_strategy
+
+ROUND_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class FederatedJob:
+    """Everything the ServerApp thread needs, and where it leaves its results."""
+
+    cfg: ExperimentConfig
+    table: ExampleTable
+    observer: Observer
+    client_sink: Callable[[dict[str, Any]], None] = lambda row: None
+    on_round: Callable[[int, dict[str, Any]], None] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    final_state: dict[str, Any] | None = None  # global model weights after the last round
+    error: BaseException | None = None
+
+
+def partition_map(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[int, int]:
+    """Ask every node for its partition id once: ``{partition_id: node_id}``."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {num_clients} nodes connected")
+        time.sleep(0.05)
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+    ]
+    out: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+        pid = int(reply.content["info"]["partition-id"])
+        out[pid] = reply.metadata.src_node_id
+    if sorted(out) != list(range(num_clients)):
+        raise RuntimeError(f"partition ids {sorted(out)} do not cover 0..{num_clients - 1}")
+    return out
+
+
+def run_job(job: FederatedJob, grid: Grid) -> None:
+    cfg, table = job.cfg, job.table
+    strategy = build_strategy(cfg)
+    strategy.set_nodes(partition_map(grid, cfg.federation.num_clients))
+    model = init_model(cfg, table)
+    initial = ArrayRecord(model.state_dict())
+    examples = 0
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        nonlocal examples
+        model.load_state_dict(arrays.to_torch_state_dict())
+        extra: dict[str, Any] = {"clients_sampled": 0, "clients_ok": 0, "clients_failed": 0,
+                                 "round_lost": False}
+        report = strategy.fm_reports.get(server_round)
+        if report is not None:
+            for row in report.clients:
+                job.client_sink(row)
+            for pid, reason in sorted(report.failed.items()):
+                job.client_sink({"round": server_round, "client": pid, "failed": True,
+                                 "reason": reason})
+            examples += sum(int(r.get("examples", 0)) for r in report.clients)
+            extra = {
+                "clients_sampled": len(report.sampled),
+                "clients_ok": len(report.succeeded),
+                "clients_failed": len(report.failed),
+                "round_lost": report.lost,
+            }
+        row = job.observer(server_round, model, examples=examples, **extra)
+        job.rows.append(row)
+        if job.on_round:
+            job.on_round(server_round, row)
+        return MetricRecord({k: float(v) for k, v in row.items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)})
+
+    job.observer.start()
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.train.rounds,
+        timeout=ROUND_TIMEOUT_S,
+        train_config=ConfigRecord({"experiment": json.dumps(to_dict(cfg))}),
+        evaluate_fn=evaluate_fn,
+    )
+    # evaluate_fn loaded the last global weights into ``model``
+    job.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_server_app(job: FederatedJob) -> ServerApp:
+    """A ServerApp bound to ``job`` (it runs in this process, so a closure is fine)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_job(job, grid)
+        except BaseException as e:  # surfaced by the engine after the simulation ends
+            job.error = e
+            raise
+
+    return app
