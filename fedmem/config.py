@@ -204,6 +204,9 @@ class FederationConfig(_Section):
     )
     client_failure_rate: float = Field(0.0, ge=0.0, lt=1.0)
     client_resources: ClientResources = ClientResources()
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="ray: Flower simulation engine on Ray; local: in-process, no Ray"
+    )
     ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")
 
 

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="recompute a complete run")
     parser.add_argument(
+        "--recipe",
+        default=None,
+        help="run a named experiment recipe from "
+        "simulations/ (e.g. central_vs_federated) on top of the config",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -140,8 +146,10 @@ def run_experiment(
             )
             progress.console.print("federated: starting Ray and the Flower simulation ...")
             eng = run_federated(job)
-            timing = {"ray_start_s": round(eng.ray_start_s, 3),
-                      "federated_simulation_s": round(eng.simulation_s, 3)}
+            timing = {
+                "ray_start_s": round(eng.ray_start_s, 3),
+                "federated_simulation_s": round(eng.simulation_s, 3),
+            }
     rows = rd.read_metrics()
     runs = {
         name: summarize_rows([r for r in rows if r["run"] == name])
@@ -169,19 +177,30 @@ def run_experiment(
     return summary
 
 
+def run_or_load(
+    cfg: ExperimentConfig, console: Console, force: bool = False
+) -> tuple[RunDir, dict]:
+    """The experiment's run directory and summary: computed, or reused when complete."""
+    rd = RunDir.for_config(cfg)
+    if rd.complete and not force:
+        console.print(f"cached: {rd.path} is complete (use --force to recompute)")
+        return rd, rd.read_summary()
+    table = prepare(cfg)
+    return rd, run_experiment(cfg, table, rd, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
     err = Console(stderr=True)
     try:
         cfg = load_config(args)
-        rd = RunDir.for_config(cfg)
-        if rd.complete and not args.force:
-            summary = rd.read_summary()
-            console.print(f"cached: {rd.path} is complete (use --force to recompute)")
-        else:
-            table = prepare(cfg)
-            summary = run_experiment(cfg, table, rd, console)
+        if args.recipe is not None:
+            from simulations import run_recipe
+
+            run_recipe(args.recipe, cfg, console, force=args.force)
+            return 0
+        rd, summary = run_or_load(cfg, console, args.force)
     except InputError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code

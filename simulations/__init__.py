@@ -1,1 +1,71 @@
-"""Named experiment recipes: each builds configs, runs them and returns one comparison table."""
+"""Named experiment recipes: each builds configs, runs them and returns one comparison table.
+
+``python -m fedmem.simulate --recipe NAME [--config FILE] [key=value ...]`` applies the
+recipe's grid on top of the (overridden) base config. Every cell is an ordinary experiment
+with its own cached run directory; the recipe writes its table as CSV and markdown to
+``<output.dir>/recipes/<NAME>-<hash8>/`` and prints it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedmem.config import ExperimentConfig, config_hash
+from fedmem.errors import ConfigError
+from fedmem.rundir import atomic_write_text
+
+RECIPES = ("central_vs_federated",)
+
+Row = dict[str, Any]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def write_table(rows: list[Row], out_dir: Path, title: str, console: Console) -> None:
+    """Print ``rows`` and save them as ``table.csv`` and ``table.md`` in ``out_dir``."""
+    columns = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "table.csv", buf.getvalue())
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+    atomic_write_text(out_dir / "table.md", f"# {title}\n\n" + "\n".join(md) + "\n")
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("setting", "run") else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r[c]) for c in columns))
+    console.print(table)
+    console.print(f"saved {out_dir / 'table.csv'} and {out_dir / 'table.md'}")
+
+
+def run_recipe(
+    name: str, base: ExperimentConfig, console: Console, force: bool = False
+) -> list[Row]:
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe: unknown {name!r}; allowed: {', '.join(RECIPES)}")
+    module = importlib.import_module(f"simulations.{name}")
+    run: Callable[[ExperimentConfig, Console, bool], list[Row]] = module.run
+    rows = run(base, console, force)
+    key = hashlib.sha256(json.dumps([name, config_hash(base)]).encode()).hexdigest()[:8]
+    out_dir = Path(base.output.dir) / "recipes" / f"{name}-{key}"
+    write_table(rows, out_dir, module.TITLE, console)
+    return rows

@@ -14,6 +14,7 @@ Message handlers:
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
@@ -31,6 +32,7 @@ from fedmem.train import keyed_order, train_epochs
 app = ClientApp()
 
 _STATE_KEY = "fedmem"
+THREADS_ENV = "FEDMEM_CLIENT_THREADS"
 _cache: dict[str, tuple[ExperimentConfig, ExampleTable]] = {}
 
 
@@ -75,7 +77,9 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     if fails(cfg, round_, pid):
         raise InjectedClientFailure(f"client {pid} failed in round {round_} (injected)")
-    torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
+    threads = os.environ.get(THREADS_ENV)  # set for Ray actors only (engine.py)
+    if threads:
+        torch.set_num_threads(int(threads))
     device = client_device(cfg)
 
     model = build_model(cfg.model, table.input_shape, table.num_classes)

@@ -7,6 +7,8 @@
 - Client actors get ``federation.client_resources`` (``num_cpus``, fractional ``num_gpus``) and
   set ``torch.set_num_threads`` to their ``num_cpus``.
 - Flower's and Ray's logging are kept quiet and telemetry is off.
+- ``federation.backend=local`` runs the same ServerApp and ClientApp in this process through
+  :class:`~fedmem.federation.local_grid.LocalGrid` (no Ray): fast on one small machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from fedmem.federation.client_app import THREADS_ENV  # noqa: E402
 from fedmem.federation.server_app import FederatedJob, make_server_app  # noqa: E402
 
 
@@ -37,15 +42,19 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, client_threads: int) -> None:
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     pythonpath = os.pathsep.join(p for p in sys.path if p)
+    env_vars = {
+        "PYTHONPATH": pythonpath,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        THREADS_ENV: str(client_threads),
+    }
     common = {
-        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath,
-                                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                     "FLWR_TELEMETRY_ENABLED": "0"}},
+        "runtime_env": {"env_vars": env_vars},
         "log_to_driver": False,
         "logging_level": logging.ERROR,
         "include_dashboard": False,
@@ -57,32 +66,64 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_federated(job: FederatedJob) -> EngineTiming:
-    """Run the federated experiment described by ``job`` through Flower on Ray.
+    """Run the federated experiment described by ``job`` through Flower.
 
-    Results arrive through ``job`` (observer rows, client rows). Ray is shut down afterwards,
-    also when the run fails.
+    ``federation.backend=ray`` (default): Flower's simulation engine with clients in Ray
+    actors; Ray is shut down afterwards, also when the run fails. ``local``: the same
+    ServerApp and ClientApp driven in this process by :class:`LocalGrid`.
+    Results arrive through ``job`` (observer rows, client rows).
     """
+    _quiet_logs()
+    if job.cfg.federation.backend == "local":
+        return _run_local(job)
+    return _run_ray(job)
+
+
+def _run_local(job: FederatedJob) -> EngineTiming:
+    from fedmem.federation import client_app
+    from fedmem.federation.local_grid import RUN_ID, LocalGrid
+
+    t0 = time.perf_counter()
+    grid = LocalGrid(client_app.app, job.cfg.federation.num_clients)
+    context = Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    make_server_app(job)(grid, context)
+    _check(job)
+    return EngineTiming(ray_start_s=0.0, simulation_s=time.perf_counter() - t0)
+
+
+def _check(job: FederatedJob) -> None:
+    if job.error is not None:
+        raise job.error
+    expected = job.cfg.train.rounds + 1
+    if len(job.rows) != expected:
+        raise RuntimeError(
+            f"federated run observed {len(job.rows)} of {expected} rounds; see Flower's log"
+        )
+
+
+def _run_ray(job: FederatedJob) -> EngineTiming:
     import ray
     from flwr.simulation import run_simulation
 
     from fedmem.federation import client_app
 
     cfg = job.cfg
-    _quiet_logs()
     t0 = time.perf_counter()
     if ray.is_initialized():
         ray.shutdown()
-    _init_ray(cfg.federation.ray_address)
-    t1 = time.perf_counter()
     resources = cfg.federation.client_resources
+    _init_ray(cfg.federation.ray_address, max(1, int(resources.num_cpus)))
+    t1 = time.perf_counter()
     try:
         run_simulation(
             server_app=make_server_app(job),
             client_app=client_app.app,
             num_supernodes=cfg.federation.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": resources.num_cpus,
-                                     "num_gpus": resources.num_gpus},
+                "client_resources": {
+                    "num_cpus": resources.num_cpus,
+                    "num_gpus": resources.num_gpus,
+                },
                 "init_args": {"log_to_driver": False, "logging_level": logging.ERROR},
             },
         )
@@ -90,11 +131,5 @@ def run_federated(job: FederatedJob) -> EngineTiming:
         if ray.is_initialized():
             ray.shutdown()
         _quiet_logs()
-    if job.error is not None:
-        raise job.error
-    expected = cfg.train.rounds + 1
-    if len(job.rows) != expected:
-        raise RuntimeError(
-            f"federated run observed {len(job.rows)} of {expected} rounds; see Flower's log"
-        )
+    _check(job)
     return EngineTiming(ray_start_s=t1 - t0, simulation_s=time.perf_counter() - t1)

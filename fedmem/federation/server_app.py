@@ -80,15 +80,20 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal examples
         model.load_state_dict(arrays.to_torch_state_dict())
-        extra: dict[str, Any] = {"clients_sampled": 0, "clients_ok": 0, "clients_failed": 0,
-                                 "round_lost": False}
+        extra: dict[str, Any] = {
+            "clients_sampled": 0,
+            "clients_ok": 0,
+            "clients_failed": 0,
+            "round_lost": False,
+        }
         report = strategy.fm_reports.get(server_round)
         if report is not None:
             for row in report.clients:
                 job.client_sink(row)
             for pid, reason in sorted(report.failed.items()):
-                job.client_sink({"round": server_round, "client": pid, "failed": True,
-                                 "reason": reason})
+                job.client_sink(
+                    {"round": server_round, "client": pid, "failed": True, "reason": reason}
+                )
             examples += sum(int(r.get("examples", 0)) for r in report.clients)
             extra = {
                 "clients_sampled": len(report.sampled),
@@ -100,8 +105,13 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
         job.rows.append(row)
         if job.on_round:
             job.on_round(server_round, row)
-        return MetricRecord({k: float(v) for k, v in row.items()
-                             if isinstance(v, int | float) and not isinstance(v, bool)})
+        return MetricRecord(
+            {
+                k: float(v)
+                for k, v in row.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
 
     job.observer.start()
     strategy.start(
