@@ -210,6 +210,39 @@ class FederationConfig(_Section):
     ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")
 
 
+class GradientGeometryConfig(_Section):
+    """Per-layer clean-vs-mislabeled gradient geometry (Maini et al. 2023, Fig. 2)."""
+
+    enabled: bool = Field(True, description="compute it after every `every` rounds")
+    every: int = Field(1, ge=1, description="rounds between measurements")
+    max_examples: int = Field(
+        2048, ge=1, description="per group (clean / mislabeled), a fixed seeded subsample"
+    )
+
+
+class MemorizationScoresConfig(_Section):
+    """Feldman & Zhang (2020) memorization scores from an ensemble on random subsets."""
+
+    enabled: bool = Field(False, description="train the ensemble after the runs")
+    models: int = Field(128, ge=2, description="ensemble size K")
+    subset: float = Field(0.7, gt=0.0, lt=1.0, description="share of rows (or clients) per model")
+    level: Literal["example", "client", "both"] = Field(
+        "example", description="subsets of examples, of whole clients, or both"
+    )
+    epochs: int | None = Field(
+        None, ge=1, description="epochs per model (default: train.rounds x train.local_epochs)"
+    )
+
+
+class AnalysisConfig(_Section):
+    track_examples: bool = Field(True, description="per-example trajectories -> examples.npz")
+    memorization_share: float = Field(
+        0.5, gt=0.0, lt=1.0, description="memorization onset: noisy_memorized exceeds this"
+    )
+    gradients: GradientGeometryConfig = GradientGeometryConfig()
+    memorization_scores: MemorizationScoresConfig = MemorizationScoresConfig()
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs"), description="parent folder of run directories")
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name prefix")
@@ -222,6 +255,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -8,10 +8,9 @@ on mislabeled examples, ``noisy_true_acc`` (predicting the true label: early lea
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +57,36 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> Row:
-    """Test accuracy and loss plus :func:`fit_metrics` on the training table."""
+def evaluate_logits(
+    model: nn.Module, table: ExampleTable, batch_size: int = 4096
+) -> tuple[Row, torch.Tensor]:
+    """Test accuracy and loss plus :func:`fit_metrics`, and the logits on the training table."""
     test_logits = predict(model, table.x_test, batch_size)
     train_logits = predict(model, table.x, batch_size)
-    return {
+    row = {
         "test_acc": float((test_logits.argmax(1) == table.y_test).float().mean()),
         "test_loss": float(F.cross_entropy(test_logits, table.y_test)),
         "train_loss": float(F.cross_entropy(train_logits, table.y_obs)),
         **fit_metrics(train_logits.argmax(1), table),
     }
+    return row, train_logits
+
+
+def evaluate(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> Row:
+    """Test accuracy and loss plus :func:`fit_metrics` on the training table."""
+    return evaluate_logits(model, table, batch_size)[0]
+
+
+class Probe(Protocol):
+    """Something measured after a round from the model and its training-table logits.
+
+    Returns extra fields for the metrics row (or None). Probes keep their own results
+    (per-example trajectories, gradient geometry) and write them at the end of a run.
+    """
+
+    def __call__(
+        self, round_: int, model: nn.Module, train_logits: torch.Tensor
+    ) -> dict[str, Any] | None: ...
 
 
 class Observer:
@@ -85,8 +104,10 @@ class Observer:
         run: str,
         sink: Callable[[Row], None],
         batch_size: int = 4096,
+        probes: Sequence[Probe] = (),
     ):
         self.table, self.run, self.sink, self.batch_size = table, run, sink, batch_size
+        self.probes = list(probes)
         self.rows: list[Row] = []
         self._t0 = time.perf_counter()
 
@@ -94,13 +115,12 @@ class Observer:
         self._t0 = time.perf_counter()
 
     def __call__(self, round_: int, model: nn.Module, **extra: Any) -> Row:
-        metrics = evaluate(model, self.table, self.batch_size)
+        metrics, train_logits = evaluate_logits(model, self.table, self.batch_size)
         row = {"run": self.run, "round": round_, **metrics, **extra}
+        for probe in self.probes:
+            row.update(probe(round_, model, train_logits) or {})
         row["wall_s"] = round(time.perf_counter() - self._t0, 4)
         self.rows.append(row)
         self.sink(row)
         return row
 
-
-def row_to_json(row: Row) -> str:
-    return json.dumps(row, sort_keys=False, allow_nan=False)

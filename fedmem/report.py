@@ -1,20 +1,27 @@
-"""Summaries and tables of finished runs (plots and report.md arrive with the analysis module)."""
+"""Summaries, tables and the report of finished runs.
+
+``python -m fedmem.report RUN_DIR [RUN_DIR ...]`` re-renders each run's ``report.md`` and
+``plots/`` from the files in its directory and prints one table comparing the runs.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 # (metric key, column title, format)
 FINAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("test_acc", "test acc", "{:.3f}"),
-    ("train_acc_clean", "clean train acc", "{:.3f}"),
-    ("noisy_memorized", "noisy memorized", "{:.3f}"),
-    ("noisy_true_acc", "noisy true acc", "{:.3f}"),
-    ("peak_noisy_true_acc_round", "peak true-acc round", "{}"),
-    ("outlier_acc", "outlier acc", "{:.3f}"),
-    ("canary_acc", "canary acc", "{:.3f}"),
+    ("test_acc", "test", "{:.3f}"),
+    ("train_acc_clean", "clean", "{:.3f}"),
+    ("noisy_memorized", "noisy mem", "{:.3f}"),
+    ("noisy_true_acc", "noisy true", "{:.3f}"),
+    ("peak_noisy_true_acc_round", "peak rnd", "{}"),
+    ("outlier_acc", "outlier", "{:.3f}"),
+    ("canary_acc", "canary", "{:.3f}"),
     ("wall_s", "wall s", "{:.1f}"),
 )
 
@@ -48,11 +55,217 @@ def _fmt(value: Any, fmt: str) -> str:
 
 
 def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") -> Table:
-    """Side-by-side table: one row per run (central, federated, ...)."""
-    table = Table(title=title)
+    """Side-by-side table: one row per run (central, federated, ...).
+
+    Columns: final test accuracy, clean-train accuracy, noisy_memorized, noisy_true_acc, the
+    round where noisy_true_acc peaked, outlier and canary accuracy, wall time.
+    """
+    table = Table(
+        title=title,
+        caption="accuracies at the last round; peak rnd: round where "
+        "noisy true acc peaked (early learning)",
+    )
     table.add_column("run", style="bold")
     for _, name, _ in FINAL_COLUMNS:
         table.add_column(name, justify="right")
     for run, summary in runs.items():
         table.add_row(run, *(_fmt(summary.get(k), f) for k, _, f in FINAL_COLUMNS))
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md and plots of a run directory; `python -m fedmem.report RUN_DIR [RUN_DIR ...]`
+# ---------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
+    header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
+    return _md_table(
+        header, [[run] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()]
+    )
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """(Re)write ``report.md`` and ``plots/*.png`` of a run directory from its files."""
+    from fedmem import plots
+    from fedmem.rundir import atomic_write_text
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    out = [f"# {summary.get('name', run_dir.name)} — `{summary.get('config_hash', '')[:8]}`", ""]
+    ex = summary.get("examples", {})
+    if ex:
+        out += [
+            f"{ex.get('train')} training rows ({ex.get('noisy')} mislabeled, "
+            f"{ex.get('outliers')} outliers, {ex.get('canary_copies')} canary copies), "
+            f"{ex.get('test')} test examples; seed {summary.get('seed')}.",
+            "",
+        ]
+    out += ["## Final metrics", "", _runs_md(summary["runs"]), ""]
+    curves = plots.learning_curves(rows, run_dir / "plots" / "curves.png", summary.get("name", ""))
+    out += [f"![learning curves]({curves.relative_to(run_dir)})", ""]
+
+    analysis = summary.get("analysis") or {}
+    if analysis:
+        out += [
+            "## When: early learning, memorization, learning and forgetting",
+            "",
+            "Early-learning onset: round where mislabeled examples are most often predicted "
+            "as their true label (Liu et al. 2020). Memorization onset: first round where "
+            "the share predicted as their given wrong label exceeds "
+            f"{analysis.get('memorization_share')}. Learning time: first round after "
+            "which an example stays correct; forgetting events: correct -> incorrect "
+            "transitions (Toneva et al. 2019).",
+            "",
+        ]
+        header = [
+            "run",
+            "early-learning onset",
+            "memorization onset",
+            "group",
+            "share learned",
+            "mean learning time",
+            "mean forgetting events",
+        ]
+        table_rows = []
+        for run, a in analysis.items():
+            if not isinstance(a, dict) or "groups" not in a:
+                continue
+            for i, (group, g) in enumerate(a["groups"].items()):
+                table_rows.append(
+                    [
+                        run if i == 0 else "",
+                        a.get("early_learning_onset") if i == 0 else "",
+                        a.get("memorization_onset") if i == 0 else "",
+                        group,
+                        g.get("share_learned"),
+                        g.get("mean_learning_time"),
+                        g.get("mean_forgetting"),
+                    ]
+                )
+        out += [_md_table(header, table_rows), ""]
+        per_client = (analysis.get("federated") or {}).get("per_client") or {}
+        if per_client:
+            out += [
+                "Per client (federated; from each client's own mislabeled examples):",
+                "",
+                _md_table(
+                    ["client", "mislabeled", "early-learning onset", "memorization onset"],
+                    [
+                        [
+                            k,
+                            v.get("num_noisy"),
+                            v.get("early_learning_onset"),
+                            v.get("memorization_onset"),
+                        ]
+                        for k, v in per_client.items()
+                    ],
+                ),
+                "",
+            ]
+    grad_rows = _read_jsonl(run_dir / "gradients.jsonl")
+    heat = plots.gradient_heatmap(grad_rows, run_dir / "plots" / "gradient_cosine.png")
+    if heat is not None:
+        out += [
+            "## Where: clean vs mislabeled gradients per layer",
+            "",
+            "Cosine between the summed gradients of clean and of mislabeled training "
+            "examples, per layer and round (Maini et al. 2023, Fig. 2); norms in "
+            "`gradients.jsonl` are divided by sqrt(#params).",
+            "",
+            f"![gradient cosine]({heat.relative_to(run_dir)})",
+            "",
+        ]
+    upd = [g for g in grad_rows if g.get("kind") == "client_updates"]
+    if upd:
+        out += [
+            "Federated analogue: cosine between the mean update of clients holding "
+            "mislabeled data and of clean clients, per layer, in `gradients.jsonl` "
+            "(`kind: client_updates`).",
+            "",
+        ]
+    mem = summary.get("memorization_scores") or {}
+    for level, m in mem.items():
+        if not isinstance(m, dict):
+            continue
+        out += [
+            f"## How much: memorization scores ({level} level)",
+            "",
+            f"Feldman & Zhang (2020) scores from {m.get('models')} models trained on random "
+            f"{m.get('subset')} subsets ({level}s). ROC-AUC for telling mislabeled from "
+            f"clean examples by mem score: **{_fmt(m.get('auc_mislabeled_vs_clean'), '{:.3f}')}**. "
+            f"Spearman(mem, confidence) = {_fmt(m.get('spearman_mem_confidence'), '{:.3f}')}, "
+            f"Spearman(mem, agreement) = {_fmt(m.get('spearman_mem_agreement'), '{:.3f}')} "
+            "(Carlini, Erlingsson & Papernot 2019).",
+            "",
+        ]
+        means = m.get("mean_mem") or {}
+        if means:
+            out += [_md_table(["group", "mean mem score"], [[k, v] for k, v in means.items()]), ""]
+        hist = m.get("histogram")
+        if hist:
+            out += [f"![memorization scores]({hist})", ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(out) + "\n")
+    return run_dir / "report.md"
+
+
+def compare_table(run_dirs: list[Path]) -> Table:
+    """One table over several run directories: every run of each, final metrics."""
+    table = Table(title="runs compared")
+    table.add_column("run directory")
+    table.add_column("run", style="bold")
+    for _, name, _ in FINAL_COLUMNS:
+        table.add_column(name, justify="right")
+    for d in run_dirs:
+        summary = json.loads((d / "summary.json").read_text())
+        for run, s in summary["runs"].items():
+            table.add_row(d.name, run, *(_fmt(s.get(k), f) for k, _, f in FINAL_COLUMNS))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fedmem.report",
+        description="Re-render report.md and plots of finished runs; compare runs in one table.",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    args = parser.parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+    for d in args.run_dirs:
+        if not (d / "COMPLETE").is_file() or not (d / "summary.json").is_file():
+            err.print(
+                f"error: RUN_DIR {d} is not a complete run directory (no COMPLETE or "
+                "summary.json); run python -m fedmem.simulate first",
+                markup=False,
+            )
+            return 2
+    for d in args.run_dirs:
+        console.print(f"wrote {render_report(d)}")
+    console.print(compare_table(args.run_dirs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

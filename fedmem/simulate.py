@@ -21,13 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import fedmem
 from fedmem import config as config_mod
+from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, trajectory_summary
+from fedmem.analysis.tracking import save_trajectories
 from fedmem.central import run_central
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
 from fedmem.errors import InputError
 from fedmem.models import build_model
 from fedmem.observer import Observer
-from fedmem.report import runs_table, summarize_rows
+from fedmem.report import render_report, runs_table, summarize_rows
 from fedmem.rundir import RunDir
 
 DEFAULT_CONFIG = Path("configs") / "default.yaml"
@@ -131,8 +133,23 @@ def run_experiment(
 
             return on_round
 
-        observer = Observer(table, "central", rd.append_metrics, cfg.train.eval_batch_size)
-        run_central(cfg, table, observer, tracker("central"))
+        trajectories: dict[str, TrajectoryProbe] = {}
+
+        def observer(run: str) -> Observer:
+            probes: list = []
+            if cfg.analysis.track_examples:
+                trajectories[run] = TrajectoryProbe(table)
+                probes.append(trajectories[run])
+            if cfg.analysis.gradients.enabled:
+                probes.append(
+                    GradientProbe(table, cfg.analysis.gradients, cfg.seed, run, gradient_sink)
+                )
+            return Observer(table, run, rd.append_metrics, cfg.train.eval_batch_size, probes)
+
+        def gradient_sink(row: dict) -> None:
+            rd.append_jsonl("gradients.jsonl", row)
+
+        run_central(cfg, table, observer("central"), tracker("central"))
         if cfg.federation.enabled:
             from fedmem.federation.engine import run_federated
             from fedmem.federation.server_app import FederatedJob
@@ -140,8 +157,9 @@ def run_experiment(
             job = FederatedJob(
                 cfg,
                 table,
-                Observer(table, "federated", rd.append_metrics, cfg.train.eval_batch_size),
+                observer("federated"),
                 client_sink=lambda row: rd.append_jsonl("clients.jsonl", row),
+                gradient_sink=gradient_sink if cfg.analysis.gradients.enabled else None,
                 on_round=tracker("federated"),
             )
             progress.console.print("federated: starting Ray and the Flower simulation ...")
@@ -155,6 +173,19 @@ def run_experiment(
         name: summarize_rows([r for r in rows if r["run"] == name])
         for name in dict.fromkeys(r["run"] for r in rows)
     }
+    analysis: dict = {}
+    if trajectories:
+        arrays = {run: probe.recorder.to_arrays() for run, probe in trajectories.items()}
+        save_trajectories(rd.path / "examples.npz", arrays)
+        analysis = {"memorization_share": cfg.analysis.memorization_share}
+        for run, arr in arrays.items():
+            analysis[run] = trajectory_summary(
+                arr,
+                [r for r in rows if r["run"] == run],
+                table,
+                cfg.analysis.memorization_share,
+                per_client=(run == "federated"),
+            )
     summary = {
         "name": cfg.output.name,
         "config_hash": config_mod.config_hash(cfg),
@@ -169,10 +200,20 @@ def run_experiment(
             "canary_copies": int(table.is_canary.sum()),
         },
         "runs": runs,
+        "analysis": analysis,
         "wall_s": round(time.perf_counter() - t0, 3),
         **timing,
     }
+    if cfg.analysis.memorization_scores.enabled:
+        from fedmem.analysis.pipeline import memorization_scores_stage
+
+        console.print(
+            f"memorization scores: training {cfg.analysis.memorization_scores.models} models ..."
+        )
+        summary["memorization_scores"] = memorization_scores_stage(cfg, table, rd.path, console)
+        summary["wall_s"] = round(time.perf_counter() - t0, 3)
     rd.write_json("summary.json", summary)
+    render_report(rd.path)
     rd.finish()
     return summary
 

@@ -58,18 +58,30 @@ def validate(cfg: ExperimentConfig) -> None:
     params = inspect.signature(cls.__init__).parameters
     for key in fed.strategy_args:
         if key not in params or key in _FIXED or key in ("self", "proximal_mu"):
-            allowed = sorted(k for k in params if k not in _FIXED and k not in
-                             ("self", "proximal_mu", "train_metrics_aggr_fn",
-                              "evaluate_metrics_aggr_fn", "arrayrecord_key", "configrecord_key",
-                              "weighted_by_key"))
+            allowed = sorted(
+                k
+                for k in params
+                if k not in _FIXED
+                and k
+                not in (
+                    "self",
+                    "proximal_mu",
+                    "train_metrics_aggr_fn",
+                    "evaluate_metrics_aggr_fn",
+                    "arrayrecord_key",
+                    "configrecord_key",
+                    "weighted_by_key",
+                )
+            )
             raise ConfigError(
                 f"federation.strategy_args.{key}: not an argument of {fed.strategy}; "
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
     if fed.strategy == "fedprox" and cfg.train.proximal_mu <= 0:
         raise ConfigError("train.proximal_mu: federation.strategy=fedprox needs a value > 0")
-    per_round = len(sample_partitions(cfg.seed, 1, fed.num_clients, fed.fraction_train,
-                                      fed.min_train_clients))
+    per_round = len(
+        sample_partitions(cfg.seed, 1, fed.num_clients, fed.fraction_train, fed.min_train_clients)
+    )
     f = int(fed.strategy_args.get("num_malicious_nodes", 0))
     if fed.strategy in ("krum", "multikrum") and per_round < 2 * f + 3:
         raise ConfigError(

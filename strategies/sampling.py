@@ -48,6 +48,7 @@ class RoundReport:
     failed: dict[int, str] = field(default_factory=dict)  # partition id -> reason
     clients: list[dict[str, Any]] = field(default_factory=list)  # per-client metrics rows
     lost: bool = False
+    arrays: dict[int, ArrayRecord] = field(default_factory=dict)  # client models, until observed
 
 
 class _NodeSubset:
@@ -118,6 +119,7 @@ class PartitionSampled:
                 row.update({k.replace("-", "_"): v for k, v in metrics.items()})
             row.pop("partition_id", None)
             report.clients.append(row)
+            report.arrays[pid] = msg.content["arrays"]
         if len(ok) < self.fm_min_train:
             report.lost = True
             return None, None
@@ -127,4 +129,3 @@ class PartitionSampled:
 def with_partition_sampling(cls: type) -> type:
     """``cls`` (a flwr.serverapp strategy class) with :class:`PartitionSampled` in front."""
     return type(f"Sampled{cls.__name__}", (PartitionSampled, cls), {})
-

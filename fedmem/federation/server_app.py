@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -25,11 +26,12 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
+from fedmem.analysis.gradients import layer_groups, update_cosine
 from fedmem.central import init_model
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
 from fedmem.observer import Observer
-from strategies import build_strategy
+from strategies import RoundReport, build_strategy
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -42,6 +44,7 @@ class FederatedJob:
     table: ExampleTable
     observer: Observer
     client_sink: Callable[[dict[str, Any]], None] = lambda row: None
+    gradient_sink: Callable[[dict[str, Any]], None] | None = None  # client-update geometry
     on_round: Callable[[int, dict[str, Any]], None] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     final_state: dict[str, Any] | None = None  # global model weights after the last round
@@ -69,6 +72,39 @@ def partition_map(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[
     return out
 
 
+def update_geometry(
+    report: RoundReport,
+    global_model: torch.nn.Module,
+    round_: int,
+    sink: Callable[[dict[str, Any]], None],
+) -> None:
+    """Per layer, cosine between the mean update of clients holding mislabeled data and the
+    mean update of clean clients (the federated analogue of Maini et al. 2023, Fig. 2).
+
+    ``global_model`` still holds the weights the clients started the round from.
+    """
+    start = global_model.state_dict()
+    noisy_share = {row["client"]: row.get("noisy_share", 0.0) for row in report.clients}
+    updates: dict[bool, list[dict[str, torch.Tensor]]] = {True: [], False: []}
+    for pid, arrays in report.arrays.items():
+        state = arrays.to_torch_state_dict()
+        delta = {k: state[k].float() - start[k].float() for k in start}
+        updates[noisy_share.get(pid, 0.0) > 0].append(delta)
+    cos = update_cosine(updates[True], updates[False], layer_groups(global_model))
+    for layer, value in cos.items():
+        sink(
+            {
+                "run": "federated",
+                "round": round_,
+                "kind": "client_updates",
+                "layer": layer,
+                "cos": value,
+                "noisy_clients": len(updates[True]),
+                "clean_clients": len(updates[False]),
+            }
+        )
+
+
 def run_job(job: FederatedJob, grid: Grid) -> None:
     cfg, table = job.cfg, job.table
     strategy = build_strategy(cfg)
@@ -79,6 +115,11 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal examples
+        report = strategy.fm_reports.get(server_round)
+        if report is not None and job.gradient_sink is not None:
+            update_geometry(report, model, server_round, job.gradient_sink)
+        if report is not None:
+            report.arrays.clear()  # client models are not kept past their round
         model.load_state_dict(arrays.to_torch_state_dict())
         extra: dict[str, Any] = {
             "clients_sampled": 0,
@@ -86,7 +127,6 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
             "clients_failed": 0,
             "round_lost": False,
         }
-        report = strategy.fm_reports.get(server_round)
         if report is not None:
             for row in report.clients:
                 job.client_sink(row)

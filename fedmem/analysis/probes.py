@@ -1,0 +1,111 @@
+"""Observer probes: what the analysis measures after every round, and the run-level summary.
+
+- :class:`TrajectoryProbe` keeps per-example loss / correctness / margin (``examples.npz``).
+- :class:`GradientProbe` measures the per-layer clean-vs-mislabeled gradient geometry
+  (Maini et al. 2023) on a fixed seeded subsample, writing rows to ``gradients.jsonl``.
+- :func:`trajectory_summary` turns a run's trajectories and metrics rows into onsets, learning
+  times and forgetting events per example kind (and per client for federated runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmem.analysis.gradients import gradient_geometry
+from fedmem.analysis.tracking import TrajectoryRecorder
+from fedmem.analysis.trajectories import (
+    early_learning_onset,
+    forgetting_events,
+    group_summary,
+    learning_time,
+    memorization_onset,
+    per_client_onsets,
+    table_groups,
+)
+from fedmem.config import GradientGeometryConfig
+from fedmem.data.table import ExampleTable
+from fedmem.seeding import np_rng
+
+
+class TrajectoryProbe:
+    """Records :func:`~fedmem.analysis.tracking.example_stats` of every round."""
+
+    def __init__(self, table: ExampleTable):
+        self.table = table
+        self.recorder = TrajectoryRecorder()
+
+    def __call__(self, round_: int, model: nn.Module, train_logits: torch.Tensor) -> None:
+        self.recorder.record(round_, train_logits, self.table.y_obs, self.table.y_true)
+
+
+class GradientProbe:
+    """Clean-vs-mislabeled gradient geometry per layer every ``cfg.every`` rounds.
+
+    Uses at most ``cfg.max_examples`` clean and as many mislabeled rows, chosen once with the
+    seed, so every round (and both runs) measure the same examples.
+    """
+
+    def __init__(
+        self,
+        table: ExampleTable,
+        cfg: GradientGeometryConfig,
+        seed: int,
+        run: str,
+        sink: Callable[[dict[str, Any]], None],
+        batch_size: int = 1024,
+    ):
+        rng = np_rng(seed, "gradient-subsample")
+        picked = []
+        for mask in (table.is_clean, table.is_noisy):
+            rows = torch.nonzero(mask).flatten().numpy()
+            if len(rows) > cfg.max_examples:
+                rows = np.sort(rng.choice(rows, size=cfg.max_examples, replace=False))
+            picked.append(torch.from_numpy(rows))
+        self.rows = torch.cat(picked)
+        self.x, self.y = table.x[self.rows], table.y_obs[self.rows]
+        self.is_noisy = table.is_noisy[self.rows]
+        self.cfg, self.run, self.sink, self.batch_size = cfg, run, sink, batch_size
+
+    def __call__(self, round_: int, model: nn.Module, train_logits: torch.Tensor) -> None:
+        if round_ % self.cfg.every != 0 or not bool(self.is_noisy.any()):
+            return None
+        geo = gradient_geometry(model, self.x, self.y, self.is_noisy, self.batch_size)
+        for layer, values in geo.items():
+            self.sink(
+                {"run": self.run, "round": round_, "kind": "examples", "layer": layer, **values}
+            )
+        return None
+
+
+def trajectory_summary(
+    arrays: dict[str, np.ndarray],
+    rows: list[dict[str, Any]],
+    table: ExampleTable,
+    share: float,
+    per_client: bool,
+) -> dict[str, Any]:
+    """Onsets (Liu et al. 2020), learning time and forgetting events (Toneva et al. 2019)."""
+    rounds = arrays["rounds"]
+    correct = arrays["correct_obs"]
+    lt = learning_time(correct, rounds)
+    fg = forgetting_events(correct)
+    out: dict[str, Any] = {
+        "early_learning_onset": early_learning_onset(
+            [r["noisy_true_acc"] for r in rows], [r["round"] for r in rows]
+        ),
+        "memorization_onset": memorization_onset(
+            [r["noisy_memorized"] for r in rows], [r["round"] for r in rows], share
+        ),
+        "groups": group_summary(lt, fg, table_groups(table)),
+    }
+    if per_client:
+        onsets = per_client_onsets(
+            correct, arrays["correct_true"], table.is_noisy, table.client, rounds, share
+        )
+        out["per_client"] = {str(k): v for k, v in sorted(onsets.items())}
+    return out

@@ -1,0 +1,120 @@
+"""Matplotlib figures of a run directory (PNG files under ``plots/``).
+
+Each function takes plain data (metrics rows, gradient rows, score arrays), draws one figure,
+saves it and returns its path; none of them trains or evaluates anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+RUN_STYLE = {"central": "-", "federated": "--"}
+CURVES = (
+    ("test_acc", "test accuracy", "tab:blue"),
+    ("noisy_true_acc", "mislabeled: predicted true label", "tab:green"),
+    ("noisy_memorized", "mislabeled: predicted given (wrong) label", "tab:red"),
+)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Test accuracy, noisy_true_acc and noisy_memorized over rounds; central solid,
+    federated dashed, on one axis (Liu et al. 2020, Fig. 1 style)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run, style in RUN_STYLE.items():
+        rr = [r for r in rows if r["run"] == run]
+        if not rr:
+            continue
+        rounds = [r["round"] for r in rr]
+        for key, label, color in CURVES:
+            ys = [np.nan if r.get(key) is None else r[key] for r in rr]
+            if np.all(np.isnan(ys)):
+                continue
+            ax.plot(rounds, ys, style, color=color, label=f"{run}: {label}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (central: same example visits as a federated round)")
+    ax.set_ylabel("share")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "early learning, then memorization: central vs federated")
+    return _save(fig, path)
+
+
+def gradient_heatmap(grad_rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Layer x round heatmap of cos(g_clean, g_mislabeled) (Maini et al. 2023, Fig. 2),
+    one panel per run."""
+    runs = [
+        r
+        for r in RUN_STYLE
+        if any(g["run"] == r and g.get("kind", "examples") == "examples" for g in grad_rows)
+    ]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(5.5 * len(runs) + 1, 3.8), squeeze=False, layout="constrained"
+    )
+    image = None
+    for ax, run in zip(axes[0], runs, strict=True):
+        gr = [
+            g
+            for g in grad_rows
+            if g["run"] == run
+            and g.get("kind", "examples") == "examples"
+            and g.get("cos") is not None
+        ]
+        layers = list(dict.fromkeys(g["layer"] for g in gr))
+        rounds = sorted({g["round"] for g in gr})
+        grid = np.full((len(layers), len(rounds)), np.nan)
+        for g in gr:
+            grid[layers.index(g["layer"]), rounds.index(g["round"])] = g["cos"]
+        image = ax.imshow(
+            grid, aspect="auto", cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest"
+        )
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        step = max(1, len(rounds) // 10)
+        ax.set_xticks(range(0, len(rounds), step), [rounds[i] for i in range(0, len(rounds), step)])
+        ax.set_xlabel("round")
+        ax.set_title(f"{run}: cos(grad clean, grad mislabeled)", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def score_histograms(
+    scores: np.ndarray, groups: dict[str, np.ndarray], path: Path, title: str
+) -> Path:
+    """Histograms of per-example scores (e.g. Feldman-Zhang memorization) by example kind."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(
+        np.nanmin(scores) if np.isfinite(scores).any() else -1,
+        np.nanmax(scores) if np.isfinite(scores).any() else 1,
+        41,
+    )
+    for name, mask in groups.items():
+        vals = scores[mask & np.isfinite(scores)]
+        if len(vals):
+            ax.hist(vals, bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(vals)})")
+    ax.set_xlabel("score")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
