@@ -55,6 +55,39 @@ def test_end_to_end_run_cache_and_force(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "central" in out and "test" in out
 
+    # analysis outputs: trajectories, gradient geometry, report with plots
+    from fedmem.analysis.tracking import load_trajectories
+
+    traj = load_trajectories(run_dir / "examples.npz")
+    assert list(traj["central"]["rounds"]) == [0, 1, 2, 3]
+    assert traj["central"]["correct_obs"].shape == (4, summary["examples"]["train"])
+    ex, last = summary["examples"], rows[-1]
+    n_clean = ex["train"] - ex["noisy"] - ex["canary_copies"]
+    expected = (
+        last["train_acc_clean"] * n_clean
+        + last["noisy_memorized"] * ex["noisy"]
+        + last["canary_acc"] * ex["canary_copies"]
+    ) / ex["train"]
+    assert traj["central"]["correct_obs"][-1].mean() == pytest.approx(expected, abs=1e-6)
+    grads = [json.loads(x) for x in (run_dir / "gradients.jsonl").read_text().splitlines()]
+    assert {g["round"] for g in grads} == {0, 1, 2, 3}
+    assert all(-1.0 <= g["cos"] <= 1.0 for g in grads)
+    analysis = summary["analysis"]["central"]
+    assert analysis["groups"]["mislabeled"]["count"] == round(0.2 * 800)
+    report = (run_dir / "report.md").read_text()
+    assert "![learning curves](plots/curves.png)" in report
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "plots" / "gradient_cosine.png").is_file()
+
+    # python -m fedmem.report re-renders from the files and compares runs
+    from fedmem import report as report_mod
+
+    (run_dir / "report.md").unlink()
+    assert report_mod.main([str(run_dir), str(run_dir)]) == 0
+    assert (run_dir / "report.md").is_file()
+    assert "runs compared" in capsys.readouterr().out
+    assert report_mod.main([str(tmp_path)]) == 2  # not a run directory
+
     # a complete run is not recomputed
     mtime = (run_dir / "metrics.jsonl").stat().st_mtime_ns
     assert main(args) == 0
