@@ -243,6 +243,43 @@ class AnalysisConfig(_Section):
     memorization_scores: MemorizationScoresConfig = MemorizationScoresConfig()
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy: record-level DP-SGD (Opacus) and user-level DP-FedAvg."""
+
+    record_level: bool = Field(False, description="DP-SGD in the training loop (central+clients)")
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, description="DP-SGD noise multiplier (or set target_epsilon)"
+    )
+    target_epsilon: float | None = Field(
+        None, description="epsilon over the whole run; the noise multiplier is derived from it"
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clipping norm")
+    delta: float | None = Field(None, description="default 1/(10 n), n = examples of the holder")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = Field(
+        "auto", description="Opacus per-sample gradient mode (auto: fastest correct one)"
+    )
+    user_level: bool = Field(False, description="DP-FedAvg at the server (clip + noise updates)")
+    user_noise_multiplier: float = Field(1.0, ge=0.0, description="DP-FedAvg noise multiplier")
+    user_clip_norm: float = Field(1.0, gt=0.0, description="DP-FedAvg client-update clip norm")
+    user_delta: float | None = Field(None, description="default 1/(10 * num_clients)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyConfig:
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise _KeyedError("privacy.target_epsilon", f"{self.target_epsilon}; must be > 0")
+        if self.record_level:
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                raise _KeyedError(
+                    "privacy.noise_multiplier",
+                    "set exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+                )
+        for key, d in (("privacy.delta", self.delta), ("privacy.user_delta", self.user_delta)):
+            if d is not None and not 0 < d < 1:
+                raise _KeyedError(key, f"{d}; allowed: 0 < delta < 1")
+        return self
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs"), description="parent folder of run directories")
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name prefix")
@@ -256,6 +293,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
