@@ -22,6 +22,7 @@ FINAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("peak_noisy_true_acc_round", "peak rnd", "{}"),
     ("outlier_acc", "outlier", "{:.3f}"),
     ("canary_acc", "canary", "{:.3f}"),
+    ("epsilon", "epsilon", "{:.2f}"),
     ("wall_s", "wall s", "{:.1f}"),
 )
 
@@ -51,7 +52,11 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _fmt(value: Any, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
+    if value is None:
+        return "-"
+    if isinstance(value, str):  # e.g. epsilon "inf"
+        return value
+    return fmt.format(value)
 
 
 def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") -> Table:

@@ -76,7 +76,13 @@ class RunDir:
         self.append_jsonl("metrics.jsonl", row)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        with open(self.metrics_path) as f:
+        return self.read_jsonl("metrics.jsonl")
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.path / name
+        if not path.is_file():
+            return []
+        with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
     def write_json(self, name: str, data: Any) -> None:

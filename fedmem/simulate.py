@@ -23,11 +23,10 @@ import fedmem
 from fedmem import config as config_mod
 from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, trajectory_summary
 from fedmem.analysis.tracking import save_trajectories
-from fedmem.central import run_central
+from fedmem.central import init_model, run_central
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
-from fedmem.errors import InputError
-from fedmem.models import build_model
+from fedmem.errors import ConfigError, InputError
 from fedmem.observer import Observer
 from fedmem.report import render_report, runs_table, summarize_rows
 from fedmem.rundir import RunDir
@@ -85,11 +84,20 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 def prepare(cfg: ExperimentConfig) -> ExampleTable:
     """Everything that can fail on bad input, before any result is written."""
     table = cached_table(cfg)
-    build_model(cfg.model, table.input_shape, table.num_classes)
+    model = init_model(cfg, table)
     if cfg.federation.enabled:
         import strategies
 
         strategies.validate(cfg)
+    if cfg.privacy.record_level:
+        from fedmem.privacy.dp import validate_record_level
+
+        sizes = [len(table)]
+        if cfg.federation.enabled:
+            sizes += [len(table.client_rows(k)) for k in range(table.num_clients)]
+        validate_record_level(cfg, sizes, model)
+    if cfg.privacy.user_level and not cfg.federation.enabled:
+        raise ConfigError("privacy.user_level: needs federation.enabled=true")
     return table
 
 
@@ -204,6 +212,9 @@ def run_experiment(
         "wall_s": round(time.perf_counter() - t0, 3),
         **timing,
     }
+    privacy = privacy_summary(cfg, rows, rd)
+    if privacy:
+        summary["privacy"] = privacy
     if cfg.analysis.memorization_scores.enabled:
         from fedmem.analysis.pipeline import memorization_scores_stage
 
@@ -216,6 +227,53 @@ def run_experiment(
     render_report(rd.path)
     rd.finish()
     return summary
+
+
+def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict:
+    """summary.json's ``privacy`` section: what each run and client has really spent."""
+    out: dict = {}
+    p = cfg.privacy
+    if p.record_level:
+        rec: dict = {"max_grad_norm": p.max_grad_norm, "accountant": p.accountant}
+        central = [r for r in rows if r["run"] == "central"]
+        if central:
+            rec["central"] = {
+                "epsilon": central[-1].get("epsilon"),
+                "steps": central[-1].get("dp_steps"),
+            }
+        clients: dict[int, dict] = {}
+        for c in rd.read_jsonl("clients.jsonl"):
+            if "epsilon" in c:
+                clients[c["client"]] = {
+                    k: c.get(k)
+                    for k in (
+                        "epsilon",
+                        "delta",
+                        "noise_multiplier",
+                        "sample_rate",
+                        "dp_steps_total",
+                    )
+                }
+        if clients:
+            eps = [c["epsilon"] for c in clients.values() if isinstance(c["epsilon"], float)]
+            rec["epsilon_max"] = max(eps) if eps else "inf"
+            rec["epsilon_per_client"] = {str(k): v["epsilon"] for k, v in sorted(clients.items())}
+            rec["clients"] = {str(k): v for k, v in sorted(clients.items())}
+        out["record_level"] = rec
+    if p.user_level:
+        fed = [r for r in rows if r["run"] == "federated"]
+        import strategies
+
+        n = cfg.federation.num_clients
+        out["user_level"] = {
+            "epsilon": fed[-1].get("user_epsilon") if fed else None,
+            "delta": p.user_delta or 1.0 / (10 * n),
+            "noise_multiplier": p.user_noise_multiplier,
+            "clip_norm": p.user_clip_norm,
+            "sample_rate": strategies.clients_per_round(cfg) / n,
+            "rounds_released": sum(1 for r in fed[1:] if not r.get("round_lost")),
+        }
+    return out
 
 
 def run_or_load(

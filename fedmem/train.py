@@ -10,15 +10,22 @@ own examples by ascending key. Orders are thus independent across clients, the c
 federated run see their examples in the same relative order (common random numbers), and a
 single client holding all the data trains exactly like the central run.
 
-Hooks (:class:`TrainHook`) are where differential privacy and regularizers plug in:
-``prepare`` may wrap the model and optimizer (Opacus), ``extra_loss`` adds a term to the
-mini-batch loss (ELR, penalties), ``after_step`` runs after every optimizer step.
+Hooks (:class:`TrainHook`) are where regularizers plug in: ``prepare`` may wrap the model and
+optimizer, ``extra_loss`` adds a term to the mini-batch loss (ELR, penalties), ``after_step``
+runs after every optimizer step.
+
+Record-level differential privacy (``dp=``, a :class:`fedmem.privacy.dp.DPSession`) turns the
+same loop into DP-SGD through Opacus: batches are Poisson-sampled (:func:`poisson_batch`, keyed
+like :func:`keyed_order`, so a single client holding all the data samples exactly like the
+central run), each example's gradient is clipped and Gaussian noise is added. See
+``fedmem/privacy/dp.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +33,9 @@ from torch import nn
 
 from fedmem.config import TrainConfig
 from fedmem.seeding import torch_gen
+
+if TYPE_CHECKING:
+    from fedmem.privacy.dp import DPSession
 
 BatchOrder = Callable[[int], torch.Tensor]  # epoch -> permutation of local positions
 
@@ -41,7 +51,11 @@ class TrainHook:
     def extra_loss(
         self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor | None:
-        """An additional loss term for the batch of table rows ``rows`` (or None)."""
+        """An additional loss term for the batch of table rows ``rows`` (or None).
+
+        With record-level DP it must be per example (shape ``(batch,)``, added to each
+        example's cross-entropy before clipping); a scalar is refused there.
+        """
         return None
 
     def after_step(self, model: nn.Module) -> None:
@@ -52,7 +66,7 @@ class TrainHook:
 class TrainResult:
     loss: float  # mean cross-entropy over every example visited
     examples: int  # example visits (epochs x local examples)
-    steps: int  # optimizer steps
+    steps: int  # optimizer steps (with DP: DP-SGD steps, empty Poisson batches included)
 
 
 def keyed_order(seed: int, round_: int, rows: torch.Tensor, table_size: int) -> BatchOrder:
@@ -63,6 +77,19 @@ def keyed_order(seed: int, round_: int, rows: torch.Tensor, table_size: int) -> 
         return torch.argsort(keys[rows], stable=True)
 
     return order
+
+
+def poisson_batch(
+    seed: int, round_: int, epoch: int, step: int, rows: torch.Tensor, table_size: int, q: float
+) -> torch.Tensor:
+    """Local positions of the examples in Poisson batch ``step`` of ``epoch`` in ``round_``.
+
+    Each example is included independently with probability ``q`` (Opacus' rule): every row of
+    the whole table draws a uniform key from the stream ``(seed, "poisson", round, epoch,
+    step)``, and the trainer takes its rows whose key is below ``q``. The batch may be empty.
+    """
+    keys = torch.rand(table_size, generator=torch_gen(seed, "poisson", round_, epoch, step))
+    return torch.nonzero(keys[rows] < q).flatten()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,6 +124,7 @@ def train_epochs(
     epochs: int | None = None,
     anchor: Sequence[torch.Tensor] | None = None,
     hooks: Sequence[TrainHook] = (),
+    dp: DPSession | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) passes over (x, y).
 
@@ -105,6 +133,10 @@ def train_epochs(
     hooks keyed by example); ``anchor`` is the global model for the proximal term when
     ``cfg.proximal_mu > 0``. Pass ``optimizer`` to keep its state across calls (central run);
     otherwise a fresh one is made (a federated client starts each round afresh).
+
+    ``dp``: record-level DP-SGD for this call (one trainer, one round): Poisson batches replace
+    ``order``, the step is clipped and noised by Opacus, ``dp.steps`` counts the steps taken
+    (for the accountant), and ``model`` comes back trained in place without any Opacus hooks.
     """
     n = len(y)
     epochs = cfg.local_epochs if epochs is None else epochs
@@ -115,6 +147,9 @@ def train_epochs(
         rows = torch.arange(n)
     use_prox = cfg.proximal_mu > 0 and anchor is not None
     model.train()
+    if dp is not None:
+        prox_anchor = anchor if use_prox else None
+        return _train_dp(model, x, y, cfg, dp, optimizer, rows, epochs, prox_anchor, hooks)
     total = torch.zeros((), device=x.device)
     visits, steps = 0, 0
     for epoch in range(epochs):
@@ -138,6 +173,63 @@ def train_epochs(
             for hook in hooks:
                 hook.after_step(model)
             total += ce.detach() * len(idx)
+            visits += len(idx)
+            steps += 1
+    return TrainResult(loss=float(total) / max(visits, 1), examples=visits, steps=steps)
+
+
+def _poisson_batches(dp: DPSession, rows: torch.Tensor, epochs: int) -> Iterator[torch.Tensor]:
+    table_size = dp.table_size if dp.table_size is not None else len(rows)
+    for epoch in range(epochs):
+        for step in range(dp.steps_per_epoch):
+            yield poisson_batch(dp.seed, dp.round, epoch, step, rows, table_size, dp.sample_rate)
+
+
+def _train_dp(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    dp: DPSession,
+    optimizer: torch.optim.Optimizer,
+    rows: torch.Tensor,
+    epochs: int,
+    anchor: Sequence[torch.Tensor] | None,
+    hooks: Sequence[TrainHook],
+) -> TrainResult:
+    """DP-SGD version of the loop body: Poisson batches, per-example clipping, noise."""
+    if dp.n_local != len(y):
+        raise ValueError(f"DPSession was made for {dp.n_local} examples, got {len(y)}")
+    proximal = (anchor, cfg.proximal_mu) if anchor is not None else None
+    total = torch.zeros((), device=x.device)
+    visits, steps = 0, 0
+    with dp.attach(model, optimizer) as private:
+        for idx in _poisson_batches(dp, rows, epochs):
+            if len(idx) == 0:  # still a step: noise only
+                private.empty_step(proximal)
+                for hook in hooks:
+                    hook.after_step(model)
+                steps += 1
+                continue
+            idx_dev = idx.to(x.device)
+            xb, yb = x[idx_dev], y[idx_dev]
+            logits = private.forward(xb)
+            ce = F.cross_entropy(logits, yb, reduction="none")
+            loss = ce
+            for hook in hooks:
+                extra = hook.extra_loss(model, logits, yb, rows[idx])
+                if extra is not None:
+                    if extra.shape != ce.shape:
+                        raise ValueError(
+                            f"{type(hook).__name__}.extra_loss: with record-level DP it must "
+                            f"return per-example losses of shape {tuple(ce.shape)}, got "
+                            f"{tuple(extra.shape)}"
+                        )
+                    loss = loss + extra
+            private.step(loss, proximal)
+            for hook in hooks:
+                hook.after_step(model)
+            total += ce.detach().sum()
             visits += len(idx)
             steps += 1
     return TrainResult(loss=float(total) / max(visits, 1), examples=visits, steps=steps)

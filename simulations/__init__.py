@@ -24,7 +24,7 @@ from fedmem.config import ExperimentConfig, config_hash
 from fedmem.errors import ConfigError
 from fedmem.rundir import atomic_write_text
 
-RECIPES = ("central_vs_federated",)
+RECIPES = ("central_vs_federated", "dp_memorization")
 
 Row = dict[str, Any]
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedmem.config import ExperimentConfig
 from fedmem.errors import ConfigError
+from fedmem.seeding import derive_seed
 from strategies.sampling import (
     PartitionSampled,
     RoundReport,
@@ -77,6 +79,10 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"federation.strategy_args.{key}: not an argument of {fed.strategy}; "
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
+    if cfg.privacy.user_level and fed.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"privacy.user_level: DP-FedAvg wraps fedavg or fedprox, not {fed.strategy}"
+        )
     if fed.strategy == "fedprox" and cfg.train.proximal_mu <= 0:
         raise ConfigError("train.proximal_mu: federation.strategy=fedprox needs a value > 0")
     per_round = len(
@@ -95,22 +101,63 @@ def validate(cfg: ExperimentConfig) -> None:
         )
 
 
-def build_strategy(cfg: ExperimentConfig) -> PartitionSampled:
-    """The configured strategy, ready for ``Strategy.start`` once ``set_nodes`` is called."""
+class SeededServerSideDP(flwr_strategy.DifferentialPrivacyServerSideFixedClipping):
+    """Flower's DP-FedAvg wrapper (server-side fixed clipping) with reproducible noise.
+
+    Flower draws the Gaussian noise from numpy's global RNG; this seeds it from
+    ``(seed, "user-dp", round)`` just before aggregating, so the same config gives the same
+    noise. Accounting is fedmem's (Opacus RDP at q = clients per round / clients).
+    """
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fm_seed = seed
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        np.random.seed(derive_seed(self.fm_seed, "user-dp", server_round) % 2**32)
+        return super().aggregate_train(server_round, replies)
+
+
+def clients_per_round(cfg: ExperimentConfig) -> int:
+    fed = cfg.federation
+    return len(
+        sample_partitions(cfg.seed, 1, fed.num_clients, fed.fraction_train, fed.min_train_clients)
+    )
+
+
+def build_strategy(cfg: ExperimentConfig) -> tuple[Any, PartitionSampled]:
+    """``(strategy to start, its PartitionSampled core)``; call ``core.set_nodes`` first.
+
+    With ``privacy.user_level`` the core (aggregating uniformly, as DP-FedAvg requires) is
+    wrapped in :class:`SeededServerSideDP`: client updates are clipped to
+    ``privacy.user_clip_norm`` and Gaussian noise with multiplier
+    ``privacy.user_noise_multiplier`` is added to their average (McMahan et al. 2018).
+    """
     validate(cfg)
     fed = cfg.federation
     cls = with_partition_sampling(REGISTRY[fed.strategy])
     kwargs: dict[str, Any] = {**_FIXED, **fed.strategy_args}
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = cfg.train.proximal_mu
-    strategy = cls(**kwargs)
-    strategy.setup_fedmem(
+    if cfg.privacy.user_level:
+        kwargs["weighted_by_key"] = "unit-weight"
+    core = cls(**kwargs)
+    core.setup_fedmem(
         seed=cfg.seed,
         num_clients=fed.num_clients,
         fraction_train=fed.fraction_train,
         min_train_clients=fed.min_train_clients,
     )
-    return strategy
+    if not cfg.privacy.user_level:
+        return core, core
+    outer = SeededServerSideDP(
+        core,
+        noise_multiplier=cfg.privacy.user_noise_multiplier,
+        clipping_norm=cfg.privacy.user_clip_norm,
+        num_sampled_clients=clients_per_round(cfg),
+        seed=cfg.seed,
+    )
+    return outer, core
 
 
 __all__ = ["REGISTRY", "RoundReport", "build_strategy", "sample_partitions", "validate"]

@@ -51,6 +51,13 @@ class RoundReport:
     arrays: dict[int, ArrayRecord] = field(default_factory=dict)  # client models, until observed
 
 
+def _finite(v: Any) -> Any:
+    """Non-finite floats as the string "inf"/"nan" (results are strict JSON)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else str(v)
+    return v
+
+
 class _NodeSubset:
     """A read-only view of a Grid that lists only the chosen nodes (for the parent's sampler)."""
 
@@ -116,7 +123,7 @@ class PartitionSampled:
             metrics = msg.content.get("metrics")
             row = {"round": server_round, "client": pid}
             if metrics is not None:
-                row.update({k.replace("-", "_"): v for k, v in metrics.items()})
+                row.update({k.replace("-", "_"): _finite(v) for k, v in metrics.items()})
             row.pop("partition_id", None)
             report.clients.append(row)
             report.arrays[pid] = msg.content["arrays"]

@@ -22,16 +22,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmem import config as config_mod
-from fedmem.central import resolve_device
+from fedmem.central import experiment_model, resolve_device
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
-from fedmem.models import build_model
 from fedmem.seeding import np_rng
 from fedmem.train import keyed_order, train_epochs
 
 app = ClientApp()
 
 _STATE_KEY = "fedmem"
+_DP_KEY = "fedmem-dp-accountant"
 THREADS_ENV = "FEDMEM_CLIENT_THREADS"
 _cache: dict[str, tuple[ExperimentConfig, ExampleTable]] = {}
 
@@ -82,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(int(threads))
     device = client_device(cfg)
 
-    model = build_model(cfg.model, table.input_shape, table.num_classes)
+    model = experiment_model(cfg, table.input_shape, table.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
     anchor = None
@@ -92,7 +92,34 @@ def train(msg: Message, context: Context) -> Message:
     rows = table.client_rows(pid)
     x, y = table.x[rows].to(device), table.y_obs[rows].to(device)
     order = keyed_order(cfg.seed, round_, rows, len(table))
-    result = train_epochs(model, x, y, cfg.train, order, rows=rows, anchor=anchor)
+    dp = history = None
+    if cfg.privacy.record_level:
+        from fedmem.privacy.dp import AccountantHistory, DPSession
+
+        # the accountant persists across rounds in context.state: epsilon composes
+        history = AccountantHistory.from_record(context.state.get(_DP_KEY))
+        dp = DPSession.create(
+            cfg.privacy,
+            cfg.train,
+            n_local=len(rows),
+            seed=cfg.seed,
+            round_=round_,
+            stream=pid,
+            table_size=len(table),
+        )
+    result = train_epochs(model, x, y, cfg.train, order, rows=rows, anchor=anchor, dp=dp)
+    privacy: dict[str, float] = {}
+    if dp is not None and history is not None:
+        history.record(dp)
+        context.state[_DP_KEY] = ConfigRecord(history.to_record())
+        privacy = {
+            "epsilon": float(history.epsilon(dp.delta, cfg.privacy.accountant)),
+            "delta": float(dp.delta),
+            "noise-multiplier": dp.noise_multiplier,
+            "sample-rate": dp.sample_rate,
+            "dp-steps": dp.steps,
+            "dp-steps-total": history.steps,
+        }
 
     state = context.state.get(_STATE_KEY)
     rounds_trained = int(state["rounds-trained"]) + 1 if state is not None else 1
@@ -108,6 +135,8 @@ def train(msg: Message, context: Context) -> Message:
             "noisy-share": float(table.is_noisy[rows].float().mean()) if len(rows) else 0.0,
             "rounds-trained": rounds_trained,
             "train-s": time.perf_counter() - t0,
+            "unit-weight": 1,  # uniform aggregation for user-level DP-FedAvg
+            **privacy,
         }
     )
     model.cpu()

@@ -27,11 +27,11 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.analysis.gradients import layer_groups, update_cosine
-from fedmem.central import init_model
+from fedmem.central import INF, init_model, json_epsilon
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
 from fedmem.observer import Observer
-from strategies import RoundReport, build_strategy
+from strategies import RoundReport, build_strategy, clients_per_round
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -105,17 +105,61 @@ def update_geometry(
         )
 
 
+class PrivacyLedger:
+    """The epsilons of a federated run, as the server knows them after each round.
+
+    Record-level: every client reports the epsilon of its own accountant (composed over all
+    its rounds, kept in its context.state); a client not sampled keeps its last value; the
+    run's ``epsilon`` is the largest. User-level (DP-FedAvg): an Opacus RDP accountant over
+    the released rounds at q = clients per round / clients, noise ``user_noise_multiplier``.
+    Without DP epsilon is "inf" (never 0).
+    """
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.client_eps: dict[int, float] = {}
+        self.user = None
+        if cfg.privacy.user_level:
+            from fedmem.privacy.dp import AccountantHistory
+
+            self.user = AccountantHistory()
+            n = cfg.federation.num_clients
+            self.q = clients_per_round(cfg) / n
+            self.user_delta = cfg.privacy.user_delta or 1.0 / (10 * n)
+
+    def observe(self, report: RoundReport) -> None:
+        for row in report.clients:
+            if isinstance(row.get("epsilon"), int | float):
+                self.client_eps[row["client"]] = float(row["epsilon"])
+        if self.user is not None and not report.lost:
+            self.user.add(self.cfg.privacy.user_noise_multiplier, self.q, 1)
+
+    def user_epsilon(self) -> float:
+        if self.user is None:
+            return float("inf")
+        return self.user.epsilon(self.user_delta, self.cfg.privacy.accountant)
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epsilon": INF}
+        if self.cfg.privacy.record_level:
+            out["epsilon"] = json_epsilon(max(self.client_eps.values(), default=0.0))
+        if self.user is not None:
+            out["user_epsilon"] = json_epsilon(self.user_epsilon())
+        return out
+
+
 def run_job(job: FederatedJob, grid: Grid) -> None:
     cfg, table = job.cfg, job.table
-    strategy = build_strategy(cfg)
-    strategy.set_nodes(partition_map(grid, cfg.federation.num_clients))
+    strategy, core = build_strategy(cfg)
+    core.set_nodes(partition_map(grid, cfg.federation.num_clients))
+    privacy = PrivacyLedger(cfg)
     model = init_model(cfg, table)
     initial = ArrayRecord(model.state_dict())
     examples = 0
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal examples
-        report = strategy.fm_reports.get(server_round)
+        report = core.fm_reports.get(server_round)
         if report is not None and job.gradient_sink is not None:
             update_geometry(report, model, server_round, job.gradient_sink)
         if report is not None:
@@ -141,6 +185,8 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
                 "clients_failed": len(report.failed),
                 "round_lost": report.lost,
             }
+            privacy.observe(report)
+        extra.update(privacy.fields())
         row = job.observer(server_round, model, examples=examples, **extra)
         job.rows.append(row)
         if job.on_round:

@@ -1,0 +1,122 @@
+"""Record-level DP-SGD in both runs and user-level DP-FedAvg: the reported epsilons are the
+composition of everything each trainer really did (recomputed here with fresh Opacus
+accountants), clients keep their accountant across rounds, and bad settings are config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedmem.config import ConfigError
+from fedmem.simulate import load_config, main, parse_args, prepare
+from strategies import sample_partitions
+from tests.conftest import small_overrides
+
+DP = ["privacy.record_level=true", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0"]
+
+
+def _run(tmp_path, *extra):
+    args = [*small_overrides(tmp_path), "federation.backend=local", *extra]
+    assert main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    clients = [json.loads(x) for x in (run_dir / "clients.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return rows, clients, summary
+
+
+def _fresh_epsilon(entries, delta):
+    acc = RDPAccountant()
+    for noise, q, steps in entries:
+        for _ in range(steps):
+            acc.step(noise_multiplier=noise, sample_rate=q)
+    return acc.get_epsilon(delta=delta)
+
+
+def test_record_level_epsilons_compose_across_rounds(tmp_path):
+    rows, clients, summary = _run(tmp_path, *DP, "train.rounds=4", "federation.fraction_train=0.5")
+    # central: one trainer, every round
+    central = [r for r in rows if r["run"] == "central"]
+    assert central[0]["epsilon"] == 0.0
+    eps = [r["epsilon"] for r in central[1:]]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    n = summary["examples"]["train"]
+    q = 1 / math.ceil(n / 64)
+    steps_per_round = round(1 / q)
+    assert central[-1]["dp_steps"] == 4 * steps_per_round
+    expected = _fresh_epsilon([(1.0, q, 4 * steps_per_round)], 1 / (10 * n))
+    assert central[-1]["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+    # clients: each reported epsilon is the composition of all its rounds so far
+    by_client: dict[int, list[dict]] = {}
+    for c in sorted(clients, key=lambda c: c["round"]):
+        by_client.setdefault(c["client"], []).append(c)
+    for k, history in by_client.items():
+        sampled = [r for r in range(1, 5) if k in sample_partitions(0, r, 4, 0.5, 1)]
+        assert [c["round"] for c in history] == sampled
+        for i, c in enumerate(history):
+            assert c["dp_steps_total"] == sum(h["dp_steps"] for h in history[: i + 1])
+            entries = [
+                (h["noise_multiplier"], h["sample_rate"], h["dp_steps"]) for h in history[: i + 1]
+            ]
+            assert c["epsilon"] == pytest.approx(_fresh_epsilon(entries, c["delta"]), rel=1e-9)
+            if i:
+                assert c["epsilon"] > history[i - 1]["epsilon"]
+    # the run's epsilon after each round is the largest client epsilon so far; a client
+    # that was not sampled keeps its value
+    fed = [r for r in rows if r["run"] == "federated"]
+    last: dict[int, float] = {}
+    for r in fed[1:]:
+        for c in clients:
+            if c["round"] == r["round"]:
+                last[c["client"]] = c["epsilon"]
+        assert r["epsilon"] == pytest.approx(max(last.values()))
+    rec = summary["privacy"]["record_level"]
+    assert rec["epsilon_max"] == pytest.approx(max(last.values()))
+    assert set(rec["epsilon_per_client"]) == {str(k) for k in by_client}
+
+
+def test_user_level_epsilon_is_opacus_rdp_over_rounds(tmp_path):
+    rows, _, summary = _run(
+        tmp_path,
+        "train.rounds=3",
+        "privacy.user_level=true",
+        "privacy.user_noise_multiplier=1.5",
+        "privacy.user_clip_norm=5.0",
+    )
+    fed = [r for r in rows if r["run"] == "federated"]
+    delta = 1 / (10 * 4)
+    for r in fed[1:]:
+        expected = _fresh_epsilon([(1.5, 1.0, r["round"])], delta)
+        assert r["user_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert summary["privacy"]["user_level"]["rounds_released"] == 3
+    # without record-level DP the record-level epsilon is infinite, never 0
+    assert all(r["epsilon"] == "inf" for r in rows)
+
+
+def test_no_dp_reports_infinite_epsilon(tmp_path):
+    rows, _, summary = _run(tmp_path, "train.rounds=1")
+    assert {r["epsilon"] for r in rows} == {"inf"}
+    assert "privacy" not in summary
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["privacy.record_level=true", "privacy.target_epsilon=0"], "privacy.target_epsilon"),
+        (
+            ["privacy.record_level=true", "privacy.noise_multiplier=1", "privacy.target_epsilon=3"],
+            "privacy.noise_multiplier",
+        ),
+        ([*DP, "privacy.delta=0.5"], "privacy.delta"),
+        (["privacy.user_level=true", "federation.strategy=krum"], "privacy.user_level"),
+    ],
+)
+def test_bad_privacy_settings_are_config_errors(tmp_path, overrides, key):
+    args = parse_args([*small_overrides(tmp_path), *overrides])
+    with pytest.raises(ConfigError) as exc:
+        prepare(load_config(args))
+    assert str(exc.value).startswith(key + ":"), str(exc.value)
