@@ -268,12 +268,11 @@ class PrivacyConfig(_Section):
     def _consistent(self) -> PrivacyConfig:
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise _KeyedError("privacy.target_epsilon", f"{self.target_epsilon}; must be > 0")
-        if self.record_level:
-            if (self.noise_multiplier is None) == (self.target_epsilon is None):
-                raise _KeyedError(
-                    "privacy.noise_multiplier",
-                    "set exactly one of privacy.noise_multiplier and privacy.target_epsilon",
-                )
+        if self.record_level and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise _KeyedError(
+                "privacy.noise_multiplier",
+                "set exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+            )
         for key, d in (("privacy.delta", self.delta), ("privacy.user_delta", self.user_delta)):
             if d is not None and not 0 < d < 1:
                 raise _KeyedError(key, f"{d}; allowed: 0 < delta < 1")

@@ -51,7 +51,7 @@ class FederatedJob:
     error: BaseException | None = None
 
 
-def partition_map(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[int, int]:
+def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
     """Ask every node for its partition id once: ``{partition_id: node_id}``."""
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < num_clients:
@@ -68,7 +68,10 @@ def partition_map(grid: Grid, num_clients: int, timeout: float = 120.0) -> dict[
         pid = int(reply.content["info"]["partition-id"])
         out[pid] = reply.metadata.src_node_id
     if sorted(out) != list(range(num_clients)):
-        raise RuntimeError(f"partition ids {sorted(out)} do not cover 0..{num_clients - 1}")
+        raise RuntimeError(
+            f"only partitions {sorted(out)} of 0..{num_clients - 1} answered within {timeout:.0f}"
+            " s: the client actors did not start (see Ray's logs)"
+        )
     return out
 
 

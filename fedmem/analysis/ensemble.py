@@ -1,0 +1,586 @@
+"""K small models trained at once, each on its own subset of rows (subsample / shadow models).
+
+:func:`train_ensemble` runs the training loop of :func:`fedmem.train.train_epochs` for K
+models side by side, on stacked parameters (leading dimension K), with the same semantics:
+
+- mini-batches of ``train_cfg.batch_size`` rows (the last batch of an epoch may be smaller),
+  loss = cross-entropy averaged over the real examples of the batch;
+- optimizer ``train_cfg.optimizer``: ``sgd`` follows ``torch.optim.SGD`` (weight decay added to
+  the gradient, momentum buffer ``b <- momentum * b + g`` started at the first gradient,
+  ``w <- w - lr * b``), ``adam`` follows ``torch.optim.Adam`` (L2 weight decay added to the
+  gradient, bias-corrected moments, ``eps`` 1e-8, betas 0.9 / 0.999), a fresh optimizer per
+  model at the start of training (like a federated client's first round);
+- ``train_cfg.proximal_mu`` and training hooks do not apply (there is no global model).
+
+Batch order (:func:`ensemble_order`): in epoch ``e`` every row of ``x`` draws a key from the
+stream ``(seed, "ensemble", k, e)`` (``torch.rand(len(x))`` with that generator) and model ``k``
+visits the rows of its mask by ascending key (ties by row id). This is :func:`keyed_order` with
+the stream named per model instead of per round: orders are independent across models and a
+row's key does not depend on which other rows a model trains on.
+
+Initialization: model ``k`` is ``build_model(model_cfg, ...)`` under
+``torch.manual_seed(derive_seed(seed, "ensemble-init", k))`` (:func:`member_init_state`), the
+global RNG untouched; ``init_states`` overrides it (pass
+``[fedmem.central.init_model(cfg, table).state_dict()]`` to start from the experiment's init).
+Model ``k``'s init and batch order depend only on ``(seed, k)``, where ``k = first + i`` for
+the i-th mask of a call: models are independent, so an ensemble of K models equals K calls with
+one mask each (``first=k``), and ``chunk`` changes nothing but memory use (up to float
+rounding).
+
+Uneven subsets: each model takes ``ceil(|mask_k| / batch_size)`` steps per epoch. Steps run in
+lock-step up to the largest subset's count; a model whose epoch is over skips the remaining
+steps entirely (no weight decay, no momentum or Adam moment update, no Adam step count).
+
+Two implementations, the same numbers up to float rounding:
+
+- ``bmm`` (MLP only, the default for it): forward and a hand-written backward with batched
+  matrix products (``torch.baddbmm``/``bmm``) over weights stacked as (K, out, in); with SGD
+  and momentum the weight gradient is accumulated straight into the momentum buffer inside its
+  matrix product (``buf.baddbmm_(..., beta=momentum)``), which saves several passes over
+  memory per step (rounding differs from torch's ``buf * momentum + grad`` in the last bits);
+- ``vmap`` (any model without BatchNorm): ``torch.func.vmap(grad(loss))`` over
+  ``functional_call`` with the stacked parameters (as ``torch.func.stack_module_state`` stacks
+  them, here from state dicts).
+
+The optimizer update is applied to the stacked tensors (vectorized over K) in both. Models with
+BatchNorm (``resnet9``) are refused: their running statistics do not fit a vmapped update.
+
+Threads (CPU): the models are split over ``workers`` Python threads (default: torch's thread
+count), each running its share single-threaded; the matrix products release the GIL, so two
+workers use two cores without OpenMP barriers (see :func:`train_ensemble`). Speed on the 2-core
+development machine: ``benchmarks/ensemble.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedmem.config import ModelConfig, TrainConfig
+from fedmem.models import MLP, build_model
+from fedmem.seeding import derive_seed, torch_gen
+
+Backend = Literal["auto", "bmm", "vmap"]
+
+# (model, example) pairs per forward pass in Ensemble.logits: bounds activation memory.
+_EVAL_PAIRS = 1 << 17
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds, orders, init
+# ---------------------------------------------------------------------------------------------
+def ensemble_keys(seed: int, k: int, epoch: int, table_size: int) -> torch.Tensor:
+    """The visit keys of all ``table_size`` rows for model ``k`` in ``epoch`` (CPU)."""
+    return torch.rand(table_size, generator=torch_gen(seed, "ensemble", k, epoch))
+
+
+def ensemble_order(
+    seed: int, k: int, epoch: int, rows: torch.Tensor, table_size: int
+) -> torch.Tensor:
+    """Model ``k``'s visit order in ``epoch`` as a permutation of positions in ``rows``.
+
+    ``rows`` are the (ascending) row ids model ``k`` trains on, out of ``table_size`` rows.
+    ``lambda e: ensemble_order(seed, k, e, rows, n)`` is the ``order`` argument with which
+    :func:`fedmem.train.train_epochs` on ``(x[rows], y[rows])`` repeats model ``k``'s training.
+    """
+    keys = ensemble_keys(seed, k, epoch, table_size)
+    return torch.argsort(keys[rows.cpu()], stable=True)
+
+
+def member_init_state(
+    model_cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    k: int,
+) -> dict[str, torch.Tensor]:
+    """Model ``k``'s initial state: built under the seed ``(seed, "ensemble-init", k)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "ensemble-init", k))
+        return build_model(model_cfg, input_shape, num_classes).state_dict()
+
+
+def _check_supported(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"train_ensemble: the model has BatchNorm ({name or 'root'}); batched training "
+                "of BatchNorm models is not supported, use model.name=mlp, cnn1d or cnn"
+            )
+        if isinstance(m, nn.Dropout | nn.modules.dropout._DropoutNd):
+            raise ValueError("train_ensemble: models with dropout are not supported")
+
+
+def _mlp_layers(model: nn.Module) -> list[str] | None:
+    """Module names of the MLP's linear layers in order, or None for other models."""
+    if not isinstance(model, MLP):
+        return None
+    return [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
+
+
+# ---------------------------------------------------------------------------------------------
+# forward / gradient kernels
+# ---------------------------------------------------------------------------------------------
+def _mlp_forward(
+    params: Mapping[str, torch.Tensor], layers: list[str], x: torch.Tensor, keep: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (K, B, C) of stacked MLPs on x (K, B, D); with ``keep`` the layer inputs too."""
+    acts: list[torch.Tensor] = []
+    h = x
+    last = len(layers) - 1
+    for i, name in enumerate(layers):
+        if keep:
+            acts.append(h)
+        w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if i < last:
+            h = h.relu_()
+    return h, acts
+
+
+def _mlp_grads(
+    params: Mapping[str, torch.Tensor],
+    layers: list[str],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    wb: torch.Tensor,
+    accumulate: dict[str, torch.Tensor] | None = None,
+    beta: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradients of sum_j wb[k, j] * CE_kj per model, and the CE values (K, B).
+
+    Hand-written backward: dlogits = (softmax - onehot) * w; for each linear layer
+    dW = dout^T @ in, db = sum dout, din = dout @ W masked by the ReLU (output > 0).
+    With ``accumulate`` (e.g. SGD momentum buffers), ``accumulate <- beta * accumulate + grad``
+    in place, inside the matrix product for the weights (``baddbmm_``), and it is returned.
+    """
+    logits, acts = _mlp_forward(params, layers, xb.flatten(2), keep=True)
+    logp = torch.log_softmax(logits, dim=-1)
+    ce = -logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1)
+    g = logp.exp_()
+    g.scatter_add_(-1, yb.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
+    g.mul_(wb.unsqueeze(-1))
+    grads: dict[str, torch.Tensor] = {}
+    for i in range(len(layers) - 1, -1, -1):
+        name, a = layers[i], acts[i]
+        if accumulate is None:
+            grads[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), a)
+            grads[f"{name}.bias"] = g.sum(1)
+        else:
+            grads[f"{name}.weight"] = accumulate[f"{name}.weight"].baddbmm_(
+                g.transpose(1, 2), a, beta=beta
+            )
+            grads[f"{name}.bias"] = accumulate[f"{name}.bias"].mul_(beta).add_(g.sum(1))
+        if i > 0:
+            g = torch.ops.aten.threshold_backward(torch.bmm(g, params[f"{name}.weight"]), a, 0)
+    return grads, ce
+
+
+class _VmapKernel:
+    """Per-model gradients of the weighted cross-entropy with torch.func over stacked params."""
+
+    def __init__(self, template: nn.Module, buffers: Mapping[str, torch.Tensor]):
+        self.base = template.to("meta")
+        self.buffers = dict(buffers)
+
+        def loss(params, buffers, xb, yb, wb):
+            logits = functional_call(self.base, (params, buffers), (xb,))
+            ce = F.cross_entropy(logits, yb, reduction="none")
+            return (ce * wb).sum(), ce.detach()
+
+        self._grad = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, 0))
+        self._fwd = vmap(
+            lambda p, b, xb: functional_call(self.base, (p, b), (xb,)), in_dims=(0, 0, None)
+        )
+
+    def grads(self, params, xb, yb, wb):
+        return self._grad(params, self.buffers, xb, yb, wb)
+
+    def logits(self, params, buffers, x):
+        return self._fwd(params, buffers, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer updates on stacked tensors
+# ---------------------------------------------------------------------------------------------
+class _StackedOptimizer:
+    """SGD / Adam over a dict of stacked parameters, one independent optimizer per model."""
+
+    def __init__(self, cfg: TrainConfig, params: Mapping[str, torch.Tensor]):
+        if cfg.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}")
+        self.cfg = cfg
+        k = next(iter(params.values())).shape[0]
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        if cfg.optimizer == "sgd" and cfg.momentum != 0:
+            self.state["buf"] = {n: torch.zeros_like(p) for n, p in params.items()}
+        if cfg.optimizer == "adam":
+            self.state["m"] = {n: torch.zeros_like(p) for n, p in params.items()}
+            self.state["v"] = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.steps = torch.zeros(k, dtype=torch.float64)
+
+    def step(
+        self,
+        params: dict[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor],
+        active: torch.Tensor,
+    ) -> None:
+        """Update every model with ``active[k]``; the others are left untouched."""
+        if bool(active.all()):
+            self._update(params, grads, self.state, slice(None))
+            return
+        idx = torch.nonzero(active).flatten()
+        if len(idx) == 0:
+            return
+        idx_dev = idx.to(next(iter(params.values())).device)
+        sub_p = {n: p.index_select(0, idx_dev) for n, p in params.items()}
+        sub_g = {n: g.index_select(0, idx_dev) for n, g in grads.items()}
+        sub_s = {
+            s: {n: t.index_select(0, idx_dev) for n, t in d.items()} for s, d in self.state.items()
+        }
+        self._update(sub_p, sub_g, sub_s, idx)
+        for n, p in params.items():
+            p.index_copy_(0, idx_dev, sub_p[n])
+        for s, d in self.state.items():
+            for n, t in d.items():
+                t.index_copy_(0, idx_dev, sub_s[s][n])
+
+    @property
+    def fusable(self) -> bool:
+        """SGD with momentum: the gradient can be accumulated straight into the buffers."""
+        return self.cfg.optimizer == "sgd" and self.cfg.momentum != 0
+
+    def step_fused(self, params: dict[str, torch.Tensor]) -> None:
+        """The SGD step of every model after ``buf <- momentum * buf + grad`` was done in place.
+
+        Weight decay then adds ``weight_decay * w`` to the buffer (the same sum as torch's
+        ``momentum * buf + (grad + weight_decay * w)``, rounded in another order).
+        """
+        cfg = self.cfg
+        self.steps += 1
+        for n, p in params.items():
+            buf = self.state["buf"][n]
+            if cfg.weight_decay != 0:
+                buf.add_(p, alpha=cfg.weight_decay)
+            p.add_(buf, alpha=-cfg.lr)
+
+    def _update(self, params, grads, state, which) -> None:
+        cfg = self.cfg
+        self.steps[which] += 1
+        if cfg.optimizer == "sgd":
+            for n, p in params.items():
+                g = grads[n]
+                if cfg.weight_decay != 0:
+                    g = g.add(p, alpha=cfg.weight_decay)
+                if cfg.momentum != 0:
+                    buf = state["buf"][n]
+                    buf.mul_(cfg.momentum).add_(g)
+                    g = buf
+                p.add_(g, alpha=-cfg.lr)
+            return
+        beta1, beta2 = _ADAM_BETAS
+        steps = self.steps[which]
+        uniform = bool((steps == steps[0]).all())
+        if uniform:  # python scalars, exactly as torch.optim.Adam computes them
+            t = float(steps[0])
+            step_size: float | torch.Tensor = cfg.lr / (1 - beta1**t)
+            bc2_sqrt: float | torch.Tensor = (1 - beta2**t) ** 0.5
+        else:
+            step_size = (cfg.lr / (1 - beta1**steps)).float()
+            bc2_sqrt = ((1 - beta2**steps) ** 0.5).float()
+        for n, p in params.items():
+            g = grads[n]
+            if cfg.weight_decay != 0:
+                g = g.add(p, alpha=cfg.weight_decay)
+            m, v = state["m"][n], state["v"][n]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if uniform:
+                denom = (v.sqrt() / bc2_sqrt).add_(_ADAM_EPS)
+                p.addcdiv_(m, denom, value=-step_size)  # type: ignore[arg-type]
+            else:
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                s = step_size.to(p.device).view(shape)  # type: ignore[union-attr]
+                c = bc2_sqrt.to(p.device).view(shape)  # type: ignore[union-attr]
+                denom = (v.sqrt() / c).add_(_ADAM_EPS)
+                p.sub_(s * (m / denom))
+
+
+# ---------------------------------------------------------------------------------------------
+# the trained ensemble
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Ensemble:
+    """K trained models of one architecture: stacked parameters and how to evaluate them.
+
+    ``params``/``buffers`` map state-dict names to tensors with a leading model dimension K.
+    ``train_loss[k, e]`` is model k's mean cross-entropy over its visits in epoch e (measured
+    during training, as :class:`fedmem.train.TrainResult.loss`).
+    """
+
+    model_cfg: ModelConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    train_loss: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.train_loss.shape[0])
+
+    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Model ``k``'s state dict (copies), loadable into ``build_model(model_cfg, ...)``."""
+        out = {n: t[k].clone() for n, t in self.params.items()}
+        out.update({n: t[k].clone() for n, t in self.buffers.items()})
+        return out
+
+    def model(self, k: int) -> nn.Module:
+        """Model ``k`` as an ordinary module (on the parameters' device)."""
+        m = build_model(self.model_cfg, self.input_shape, self.num_classes)
+        m.load_state_dict(self.state_dict(k))
+        return m.to(next(iter(self.params.values())).device)
+
+    def logits(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Logits (K, N, C) of every model on ``x`` (N, *input_shape); eval mode, no grad.
+
+        ``batch_size`` examples per forward pass; models are grouped so that one pass holds
+        at most about 2^17 (model, example) pairs.
+        """
+        template = build_model(self.model_cfg, self.input_shape, self.num_classes)
+        layers = _mlp_layers(template)
+        device = next(iter(self.params.values())).device
+        k_total, n = len(self), len(x)
+        out = torch.empty(k_total, n, self.num_classes, device=device)
+        per_pass = max(1, _EVAL_PAIRS // max(1, min(batch_size, n)))
+        kernel = None if layers is not None else _VmapKernel(template.eval(), {})
+        with torch.no_grad():
+            for k0 in range(0, k_total, per_pass):
+                ks = slice(k0, min(k0 + per_pass, k_total))
+                p = {name: t[ks] for name, t in self.params.items()}
+                b = {name: t[ks] for name, t in self.buffers.items()}
+                for s in range(0, n, batch_size):
+                    xb = x[s : s + batch_size].to(device)
+                    if layers is not None:
+                        kk = ks.stop - ks.start
+                        xk = xb.flatten(1).unsqueeze(0).expand(kk, -1, -1)
+                        out[ks, s : s + len(xb)] = _mlp_forward(p, layers, xk, keep=False)[0]
+                    else:
+                        out[ks, s : s + len(xb)] = kernel.logits(p, b, xb)  # type: ignore[union-attr]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def train_ensemble(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+    init_states: list[Mapping[str, torch.Tensor]] | None = None,
+    chunk: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    backend: Backend = "auto",
+    first: int = 0,
+    workers: int | None = None,
+) -> Ensemble:
+    """Train K = ``len(masks)`` models, model k on the rows ``masks[k]`` of (x, y).
+
+    See the module docstring for the exact training semantics, batch order and init.
+    ``x`` (N, *input_shape) and ``y`` (N,) live on the device to train on; ``masks`` is
+    (K, N) bool. ``chunk`` trains the models in groups of at most that size (bounds memory;
+    results do not change beyond float rounding). ``progress(done)`` is called after every
+    epoch of every group with the number of (model, epoch) pairs finished so far, out of
+    K x epochs (from a worker thread when ``workers > 1``). ``backend``: ``bmm`` (MLP
+    only), ``vmap`` (any supported model) or ``auto`` (``bmm`` for the MLP). ``first``: the
+    member number of ``masks[0]`` (model i is member ``first + i``: its init and batch-order
+    streams), so an ensemble can be extended later with more models.
+
+    ``workers`` (CPU only; default ``torch.get_num_threads()``): the models are split into that
+    many groups, trained in parallel Python threads with one intra-op thread each (torch's
+    thread count is set to 1 for the call and restored). Each group's batched matrix products
+    run single-threaded, so no OpenMP barrier waits on a thread that another process has
+    descheduled: on a busy 2-core machine two OpenMP threads made training several times
+    slower than one, while two workers degrade gracefully to one core's speed.
+    """
+    masks = masks.to(torch.bool)
+    if masks.dim() != 2 or masks.shape[1] != len(y) or len(x) != len(y):
+        raise ValueError(
+            f"train_ensemble: masks must be (K, N) with N = len(x) = len(y); got masks "
+            f"{tuple(masks.shape)}, x {tuple(x.shape)}, y {tuple(y.shape)}"
+        )
+    k_total = masks.shape[0]
+    if k_total == 0:
+        raise ValueError("train_ensemble: no models (masks has 0 rows)")
+    if epochs < 1:
+        raise ValueError(f"train_ensemble: epochs must be >= 1, got {epochs}")
+    if init_states is not None and len(init_states) != k_total:
+        raise ValueError(f"train_ensemble: {len(init_states)} init_states for {k_total} models")
+    if train_cfg.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"train.optimizer: unknown {train_cfg.optimizer!r}")
+    input_shape = tuple(input_shape)
+    template = build_model(model_cfg, input_shape, num_classes)
+    _check_supported(template)
+    layers = _mlp_layers(template)
+    if backend == "bmm" and layers is None:
+        raise ValueError(f"train_ensemble: backend=bmm needs model.name=mlp, not {model_cfg.name}")
+    if backend not in ("auto", "bmm", "vmap"):
+        raise ValueError(f"train_ensemble: unknown backend {backend!r}")
+    use_bmm = layers is not None and backend != "vmap"
+    chunk = k_total if chunk is None else max(1, int(chunk))
+    workers = torch.get_num_threads() if workers is None else max(1, int(workers))
+    if x.device.type != "cpu":
+        workers = 1
+    size = min(chunk, math.ceil(k_total / workers))
+    groups = [list(range(k0, min(k0 + size, k_total))) for k0 in range(0, k_total, size)]
+    param_names = [n for n, _ in template.named_parameters()]
+    buffer_names = [n for n, _ in template.named_buffers()]
+    lock = threading.Lock()
+    done = 0
+
+    # built here, in one thread: member_init_state seeds torch's global RNG
+    inits = (
+        list(init_states)
+        if init_states is not None
+        else [
+            member_init_state(model_cfg, input_shape, num_classes, seed, first + i)
+            for i in range(k_total)
+        ]
+    )
+
+    def run(group: list[int]):
+        ks = [first + i for i in group]
+        states = [inits[i] for i in group]
+        params = {
+            n: torch.stack([s[n].detach().to(x.device, torch.float32) for s in states])
+            for n in param_names
+        }
+        buffers = {
+            n: torch.stack([s[n].detach().to(x.device) for s in states]) for n in buffer_names
+        }
+        kernel = (
+            None
+            if use_bmm
+            else _VmapKernel(build_model(model_cfg, input_shape, num_classes), buffers)
+        )
+
+        def on_epoch(_epoch: int) -> None:
+            nonlocal done
+            with lock:
+                done += len(ks)
+                if progress is not None:
+                    progress(done)
+
+        group_masks = masks[group[0] : group[-1] + 1].to(x.device)
+        loss = _train_group(
+            params,
+            ks,
+            x,
+            y,
+            group_masks,
+            train_cfg,
+            epochs,
+            seed,
+            layers if use_bmm else None,
+            kernel,
+            on_epoch,
+        )
+        return params, buffers, loss
+
+    if workers == 1 or len(groups) == 1:
+        parts = [run(g) for g in groups]
+    else:  # one intra-op thread per worker: robust to other load, no OpenMP barriers
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = list(pool.map(run, groups))
+        finally:
+            torch.set_num_threads(threads_before)
+
+    return Ensemble(
+        model_cfg=model_cfg,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        params={n: torch.cat([p[0][n] for p in parts]) for n in param_names},
+        buffers={n: torch.cat([p[1][n] for p in parts]) for n in buffer_names},
+        train_loss=torch.cat([p[2] for p in parts]),
+    )
+
+
+def _train_group(
+    params: dict[str, torch.Tensor],
+    ks: list[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: TrainConfig,
+    epochs: int,
+    seed: int,
+    layers: list[str] | None,
+    kernel: _VmapKernel | None,
+    on_epoch: Callable[[int], None],
+) -> torch.Tensor:
+    """Train one group of stacked models in place; returns their per-epoch mean loss (K, E)."""
+    device = x.device
+    n_rows = len(y)
+    bs = cfg.batch_size
+    opt = _StackedOptimizer(cfg, params)
+    sizes = masks.sum(1)  # (Kc,) rows per model
+    max_n = int(sizes.max())
+    steps = math.ceil(max_n / bs)
+    sizes_cpu = sizes.cpu()
+    pos = torch.arange(bs, device=device)
+    losses = torch.zeros(len(ks), epochs, dtype=torch.float64)
+    inf = torch.tensor(float("inf"), device=device)
+    grad_ctx = torch.no_grad() if layers is not None else contextlib.nullcontext()
+    fused = opt.fusable
+    for epoch in range(epochs):
+        keys = torch.stack([ensemble_keys(seed, k, epoch, n_rows) for k in ks]).to(device)
+        keys = torch.where(masks, keys, inf)
+        # rows of model k in visit order, then (from sizes[k] on) rows it does not train on
+        perm = torch.argsort(keys, dim=1, stable=True)[:, :max_n]
+        total = torch.zeros(len(ks), device=device)
+        for s in range(steps):
+            lo = s * bs
+            idx = perm[:, lo : lo + bs]
+            b = idx.shape[1]
+            count = (sizes - lo).clamp(0, b)  # real examples of each model in this batch
+            valid = pos[:b].unsqueeze(0) < count.unsqueeze(1)
+            wb = valid / count.clamp(min=1).unsqueeze(1)
+            xb, yb = x[idx], y[idx]
+            active = (sizes_cpu - lo) > 0
+            with grad_ctx:
+                if layers is not None and fused and bool(active.all()):
+                    _, ce = _mlp_grads(params, layers, xb, yb, wb, opt.state["buf"], cfg.momentum)
+                    opt.step_fused(params)
+                    total += torch.where(valid, ce, 0.0).sum(1)
+                    continue
+                if layers is not None:
+                    grads, ce = _mlp_grads(params, layers, xb, yb, wb)
+                else:
+                    grads, ce = kernel.grads(params, xb, yb, wb)  # type: ignore[union-attr]
+            with torch.no_grad():
+                total += torch.where(valid, ce, 0.0).sum(1)
+                opt.step(params, grads, active)
+        losses[:, epoch] = total.double().cpu() / sizes_cpu.clamp(min=1).double()
+        on_epoch(epoch)
+    return losses

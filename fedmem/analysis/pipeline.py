@@ -1,0 +1,123 @@
+"""The memorization-score stage of an experiment (Feldman & Zhang 2020).
+
+Trains ``analysis.memorization_scores.models`` models at once with the batched ensemble
+trainer (same loop semantics as ``train.py``), each on a random subset of the training rows
+(``level: example``) or of the clients (``level: client``: whole clients in or out), and derives
+per-row memorization scores and Carlini et al. (2019) outlier metrics. Writes
+``memscores.npz`` and ``plots/memscores_<level>.png`` into the run directory and returns the
+summary that goes into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmem.analysis.ensemble import train_ensemble
+from fedmem.analysis.memorization import client_subset_masks, memorization_report, subset_masks
+from fedmem.analysis.trajectories import table_groups
+from fedmem.central import resolve_device
+from fedmem.config import ExperimentConfig
+from fedmem.data.table import ExampleTable
+from fedmem.seeding import derive_seed, np_rng
+
+
+def _masks(cfg: ExperimentConfig, table: ExampleTable, level: str) -> torch.Tensor:
+    ms = cfg.analysis.memorization_scores
+    rng = np_rng(cfg.seed, "memscores", level)
+    if level == "client":
+        return client_subset_masks(table.client, table.num_clients, ms.models, ms.subset, rng)
+    return subset_masks(len(table), ms.models, ms.subset, rng)
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: NaN -> None, numpy scalars -> floats."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+def memorization_scores_stage(
+    cfg: ExperimentConfig, table: ExampleTable, run_dir: Path, console: Console
+) -> dict[str, Any]:
+    """Run the stage for every configured level; returns ``{level: summary}``."""
+    from fedmem import plots
+
+    ms = cfg.analysis.memorization_scores
+    levels = ["example", "client"] if ms.level == "both" else [ms.level]
+    epochs = ms.epochs or cfg.train.rounds * cfg.train.local_epochs
+    device = resolve_device(cfg.train.device)
+    x, y = table.x.to(device), table.y_obs.to(device)
+    groups = table_groups(table)
+    arrays: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
+    for level in levels:
+        masks = _masks(cfg, table, level)
+        t0 = time.perf_counter()
+        with Progress(
+            TextColumn(f"[bold]ensemble ({level})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("", total=ms.models * epochs)
+            ensemble = train_ensemble(
+                cfg.model,
+                cfg.train,
+                table.input_shape,
+                table.num_classes,
+                x,
+                y,
+                masks.to(device),
+                epochs=epochs,
+                seed=derive_seed(cfg.seed, "memscores", level),
+                progress=lambda done, t=task: progress.update(t, completed=done),
+            )
+        train_s = time.perf_counter() - t0
+        logits = ensemble.logits(x, cfg.train.eval_batch_size).cpu()
+        rep = memorization_report(logits, table.y_obs, masks, groups)
+        for name, values in rep["per_row"].items():
+            arrays[f"{level}/{name}"] = np.asarray(values)
+        arrays[f"{level}/masks"] = masks.numpy()
+        hist = plots.score_histograms(
+            rep["per_row"]["mem"],
+            {k: v.numpy().astype(bool) for k, v in groups.items()},
+            run_dir / "plots" / f"memscores_{level}.png",
+            f"Feldman-Zhang memorization scores ({level} level, K={ms.models})",
+        )
+        s = rep["summary"]
+        out[level] = _clean(
+            {
+                "models": ms.models,
+                "subset": ms.subset,
+                "epochs": epochs,
+                "train_s": round(train_s, 2),
+                "auc_mislabeled_vs_clean": s.get("auc_mislabeled_vs_clean"),
+                "auc_vs_clean": s.get("auc_vs_clean"),
+                "mean_mem": s.get("mem_mean"),
+                "spearman_mem_confidence": s.get("spearman_mem_confidence"),
+                "spearman_mem_agreement": s.get("spearman_mem_agreement"),
+                "histogram": str(hist.relative_to(run_dir)),
+            }
+        )
+        console.print(
+            f"memorization scores ({level}): AUC mislabeled vs clean "
+            f"{out[level]['auc_mislabeled_vs_clean']}, {train_s:.1f} s for {ms.models} models"
+        )
+    tmp = run_dir / ".memscores.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(run_dir / "memscores.npz")
+    return out
