@@ -87,14 +87,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return str(v)
+def cell(v: Any) -> str:
+    """A table cell: None as "-", floats with 3 decimals."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
 
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -102,7 +105,7 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
     header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
-    return _md_table(
+    return md_table(
         header, [[run] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()]
     )
 
@@ -166,13 +169,13 @@ def render_report(run_dir: str | Path) -> Path:
                         g.get("mean_forgetting"),
                     ]
                 )
-        out += [_md_table(header, table_rows), ""]
+        out += [md_table(header, table_rows), ""]
         per_client = (analysis.get("federated") or {}).get("per_client") or {}
         if per_client:
             out += [
                 "Per client (federated; from each client's own mislabeled examples):",
                 "",
-                _md_table(
+                md_table(
                     ["client", "mislabeled", "early-learning onset", "memorization onset"],
                     [
                         [
@@ -224,7 +227,7 @@ def render_report(run_dir: str | Path) -> Path:
         ]
         means = m.get("mean_mem") or {}
         if means:
-            out += [_md_table(["group", "mean mem score"], [[k, v] for k, v in means.items()]), ""]
+            out += [md_table(["group", "mean mem score"], [[k, v] for k, v in means.items()]), ""]
         hist = m.get("histogram")
         if hist:
             out += [f"![memorization scores]({hist})", ""]

@@ -22,19 +22,12 @@ from rich.table import Table
 
 from fedmem.config import ExperimentConfig, config_hash
 from fedmem.errors import ConfigError
+from fedmem.report import cell, md_table
 from fedmem.rundir import atomic_write_text
 
 RECIPES = ("central_vs_federated", "dp_memorization")
 
 Row = dict[str, Any]
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
 
 
 def write_table(rows: list[Row], out_dir: Path, title: str, console: Console) -> None:
@@ -45,14 +38,13 @@ def write_table(rows: list[Row], out_dir: Path, title: str, console: Console) ->
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "table.csv", buf.getvalue())
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
-    atomic_write_text(out_dir / "table.md", f"# {title}\n\n" + "\n".join(md) + "\n")
+    md = md_table(columns, [[r[c] for c in columns] for r in rows])
+    atomic_write_text(out_dir / "table.md", f"# {title}\n\n{md}\n")
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="left" if c in ("setting", "run") else "right")
     for r in rows:
-        table.add_row(*(_fmt(r[c]) for c in columns))
+        table.add_row(*(cell(r[c]) for c in columns))
     console.print(table)
     console.print(f"saved {out_dir / 'table.csv'} and {out_dir / 'table.md'}")
 
