@@ -8,8 +8,9 @@ on the rows ``masks[k]`` (:func:`subset_masks`, :func:`client_subset_masks`,
   Influence Estimation" (NeurIPS): label memorization of example i by algorithm A on data S,
   ``mem(A, S, i) = P_{h<-A(S)}[h(x_i) = y_i] - P_{h<-A(S\\i)}[h(x_i) = y_i]`` (their Eq. 1),
   estimated with models trained on random subsets I of m = 0.7 n rows as
-  ``P[h(x_i) = y_i | i in I] - P[h(x_i) = y_i | i not in I]`` (the subsampled memorization
-  estimator, their Algorithm 1). :func:`memorization_scores`.
+  ``P[h(x_i) = y_i | i in I] - P[h(x_i) = y_i | i not in I]`` (their subsampled memorization
+  estimate, Sec. 2: each probability is the accuracy on row i over the models whose subset
+  does / does not contain it). :func:`memorization_scores`.
 - Carlini, Erlingsson & Papernot 2019, "Distribution Density, Tails, and Outliers in Machine
   Learning: Metrics and Applications" (arXiv:1910.13427): "model confidence" (softmax
   probability of the label, averaged over models, :func:`confidence`) and "ensemble agreement"
@@ -117,11 +118,11 @@ def in_out_accuracy(
 def memorization_scores(correct: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Feldman & Zhang (2020) label memorization per row (N,) float64, in [-1, 1].
 
-    ``mem_i = P[h(x_i) = y_i | i in S] - P[h(x_i) = y_i | i not in S]`` (their Eq. 1, with the
-    subsampled estimator of their Algorithm 1): the accuracy on row i of the models that
-    trained on it minus that of the models that did not. ``correct[k, i]``: model k predicts
-    row i's (observed) label; ``masks[k, i]``: model k trained on row i. NaN where a row is in
-    every model's subset or in none.
+    ``mem_i = P[h(x_i) = y_i | i in S] - P[h(x_i) = y_i | i not in S]`` (their Eq. 1, estimated
+    from models trained on random subsets as in their Sec. 2): the accuracy on row i of the
+    models that trained on it minus that of the models that did not. ``correct[k, i]``: model
+    k predicts row i's (observed) label; ``masks[k, i]``: model k trained on row i. NaN where a
+    row is in every model's subset or in none.
     """
     p_in, p_out = in_out_accuracy(correct, masks)
     return p_in - p_out
@@ -141,7 +142,7 @@ def confidence(
     """Carlini et al. (2019) model confidence per row (N,) float64.
 
     The softmax probability of the row's given label ``y`` (N,), averaged over the models that
-    trained on the row (``held_out=False``, the paper's setting: models trained on the data) or
+    trained on the row (``held_out=False``; the paper's models are trained on the data) or
     over the models that did not (``held_out=True``). ``probs`` is (K, N, C). NaN where no model
     qualifies. Low confidence marks atypical or mislabeled rows.
     """
@@ -168,24 +169,34 @@ def ensemble_agreement(
     selected set, averaged over the pairs. 0 = all models output the same distribution; larger =
     less agreement (the paper ranks examples by it: outliers are where models disagree). The
     selected models are those that did not train on the row (``held_out=True``, default) or
-    those that did (``held_out=False``; the paper trains every model on the data). ``probs`` is
+    those that did (``held_out=False``; the paper's models are trained on the data). ``probs`` is
     (K, N, C). NaN where fewer than two models qualify.
     """
-    sel = _select(masks, held_out)
+    return _pairwise_js(probs, [_select(masks, held_out)])[0]
+
+
+def _pairwise_js(probs: torch.Tensor, selections: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean pairwise JS divergence (bits) per row over each (K, N) bool model selection.
+
+    One pass over the K (K - 1) / 2 model pairs serves every selection.
+    """
     k_models = probs.shape[0]
     p = probs.float()
     h = _entropy_bits(p)  # (K, N)
-    selw = sel.float()
-    pair_sum = torch.zeros(probs.shape[1], dtype=torch.float64, device=probs.device)
+    sels = [sel.to(p.device).float() for sel in selections]
+    sums = [torch.zeros(probs.shape[1], dtype=torch.float64, device=p.device) for _ in sels]
     for a in range(k_models - 1):
-        rest = p[a + 1 :]
-        m = 0.5 * (rest + p[a].unsqueeze(0))
-        js = _entropy_bits(m) - 0.5 * (h[a + 1 :] + h[a].unsqueeze(0))
-        pair_sum += (js.clamp(min=0) * selw[a + 1 :] * selw[a]).sum(0).double()
-    count = sel.sum(0).double()
-    pairs = count * (count - 1) / 2
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=probs.device)
-    return torch.where(pairs > 0, pair_sum / pairs.clamp(min=1), nan).cpu()
+        m = 0.5 * (p[a + 1 :] + p[a].unsqueeze(0))
+        js = (_entropy_bits(m) - 0.5 * (h[a + 1 :] + h[a].unsqueeze(0))).clamp_(min=0)
+        for total, w in zip(sums, sels, strict=True):
+            total += (js * w[a + 1 :]).sum(0).double() * w[a].double()
+    out = []
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=p.device)
+    for total, w in zip(sums, sels, strict=True):
+        count = w.sum(0).double()
+        pairs = count * (count - 1) / 2
+        out.append(torch.where(pairs > 0, total / pairs.clamp(min=1), nan).cpu())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +301,10 @@ def memorization_report(
         "acc_out": acc_out.numpy(),
         "confidence": confidence(probs, y, masks).cpu().numpy(),
         "confidence_out": confidence(probs, y, masks, held_out=True).cpu().numpy(),
-        "agreement": ensemble_agreement(probs, masks).numpy(),
-        "agreement_in": ensemble_agreement(probs, masks, held_out=False).numpy(),
     }
+    agreement, agreement_in = _pairwise_js(probs, [~masks, masks])
+    per_row["agreement"] = agreement.numpy()
+    per_row["agreement_in"] = agreement_in.numpy()
     g_np = {name: _np(rows).astype(bool).ravel() for name, rows in groups.items()}
     mem_np = per_row["mem"]
     auc_vs_clean: dict[str, float] = {}
