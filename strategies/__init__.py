@@ -107,6 +107,10 @@ class SeededServerSideDP(flwr_strategy.DifferentialPrivacyServerSideFixedClippin
     Flower draws the Gaussian noise from numpy's global RNG; this seeds it from
     ``(seed, "user-dp", round)`` just before aggregating, so the same config gives the same
     noise. Accounting is fedmem's (Opacus RDP at q = clients per round / clients).
+
+    Known limitation (Flower's wrapper): the noise std is z * C / (planned clients per round);
+    when clients fail, the average is over fewer clients, so such rounds are slightly
+    under-noised relative to their sensitivity C / (successful clients).
     """
 
     def __init__(self, *args: Any, seed: int, **kwargs: Any):
