@@ -34,3 +34,18 @@ def small_cfg(tmp_path):
     from fedmem import config
 
     return config.load(REPO / "configs" / "default.yaml", small_overrides(tmp_path))
+
+
+def federated_job(cfg):
+    """A FederatedJob for ``cfg`` that collects its metrics and client rows in lists."""
+    from fedmem.data.table import cached_table
+    from fedmem.federation.server_app import FederatedJob
+    from fedmem.observer import Observer
+
+    table = cached_table(cfg)
+    rows: list[dict] = []
+    clients: list[dict] = []
+    job = FederatedJob(
+        cfg, table, Observer(table, "federated", rows.append), client_sink=clients.append
+    )
+    return job, rows, clients

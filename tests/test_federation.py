@@ -16,13 +16,11 @@ import torch
 
 from fedmem import config
 from fedmem.central import run_central
-from fedmem.data.table import cached_table
 from fedmem.federation.client_app import fails
 from fedmem.federation.engine import run_federated
-from fedmem.federation.server_app import FederatedJob
 from fedmem.observer import Observer
 from fedmem.simulate import main
-from tests.conftest import REPO, small_overrides
+from tests.conftest import REPO, federated_job, small_overrides
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,16 +40,6 @@ def _no_new_ray_processes(before: set[str], wait_s: float = 15.0) -> bool:
     return True
 
 
-def _job(cfg):
-    table = cached_table(cfg)
-    rows: list[dict] = []
-    clients: list[dict] = []
-    job = FederatedJob(
-        cfg, table, Observer(table, "federated", rows.append), client_sink=clients.append
-    )
-    return job, rows, clients
-
-
 def test_one_client_fedavg_equals_one_central_round(tmp_path):
     """The shared loop: 1 client, full participation, 1 epoch, FedAvg == 1 central round."""
     cfg = config.load(
@@ -64,7 +52,7 @@ def test_one_client_fedavg_equals_one_central_round(tmp_path):
             "partition.kind=iid",
         ],
     )
-    job, rows, _ = _job(cfg)
+    job, rows, _ = federated_job(cfg)
     run_federated(job)
     central_rows: list[dict] = []
     model = run_central(cfg, job.table, Observer(job.table, "central", central_rows.append))
@@ -183,7 +171,7 @@ def test_joins_an_existing_ray_cluster(tmp_path):
                 f"federation.ray_address=127.0.0.1:{port}",
             ],
         )
-        job, rows, clients = _job(cfg)
+        job, rows, clients = federated_job(cfg)
         run_federated(job)
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert len(clients) == 4

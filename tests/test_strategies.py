@@ -11,13 +11,10 @@ import torch
 import strategies
 from fedmem import config
 from fedmem.config import ConfigError
-from fedmem.data.table import cached_table
 from fedmem.federation.client_app import fails
 from fedmem.federation.engine import run_federated
-from fedmem.federation.server_app import FederatedJob
-from fedmem.observer import Observer
 from strategies import sample_partitions
-from tests.conftest import REPO, small_overrides
+from tests.conftest import REPO, federated_job, small_overrides
 
 STRATEGY_ARGS = {
     "fedprox": ["train.proximal_mu=0.1"],
@@ -44,12 +41,7 @@ def _cfg(tmp_path, *extra: str):
 
 
 def _run(cfg):
-    table = cached_table(cfg)
-    rows: list[dict] = []
-    clients: list[dict] = []
-    job = FederatedJob(
-        cfg, table, Observer(table, "federated", rows.append), client_sink=clients.append
-    )
+    job, rows, clients = federated_job(cfg)
     run_federated(job)
     return job, rows, clients
 
