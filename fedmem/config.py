@@ -279,6 +279,54 @@ class PrivacyConfig(_Section):
         return self
 
 
+class AuditAttackConfig(_Section):
+    """How ``python -m fedmem.audit`` attacks a finished run (not part of the run's hash)."""
+
+    shadows: int = Field(
+        32, ge=2, description="shadow models per target for LiRA / RMIA (even: half hold each)"
+    )
+    fixed_variance: Literal["auto", "yes", "no"] = Field(
+        "auto", description="LiRA with one pooled variance (auto: when shadows < 64, Carlini 2022)"
+    )
+    epsilon_attack: Literal["loss", "lira_online", "lira_offline", "rmia"] = Field(
+        "lira_online", description="attack whose scores give the one-run epsilon lower bound"
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="confidence of the one-run epsilon lower bound"
+    )
+    max_rows: int = Field(
+        5000, ge=1, description="largest number of training rows each client-level score averages"
+    )
+
+    @model_validator(mode="after")
+    def _even(self) -> AuditAttackConfig:
+        if self.shadows % 2:
+            raise _KeyedError(
+                "audit.attack.shadows",
+                f"{self.shadows}; must be even (every candidate is in exactly half the shadows)",
+            )
+        return self
+
+
+class AuditConfig(_Section):
+    """What a run keeps aside so that ``python -m fedmem.audit`` can attack it.
+
+    Membership needs a ground truth that the attacker does not know: candidates that the seed
+    includes in training with probability 1/2 (recorded in the ExampleTable's audit arrays).
+    """
+
+    pool: int = Field(
+        0, ge=0, description="training examples made membership candidates, each kept w.p. 1/2"
+    )
+    canaries: int = Field(
+        0, ge=0, description="audit canaries (random input+label), each inserted once w.p. 1/2"
+    )
+    heldout_clients: int = Field(
+        0, ge=0, description="extra clients partitioned like the rest but never trained on"
+    )
+    attack: AuditAttackConfig = AuditAttackConfig()
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs"), description="parent folder of run directories")
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name prefix")
@@ -293,6 +341,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    audit: AuditConfig = AuditConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -438,10 +487,15 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """sha256 of the resolved config without the `output` section (where results go)."""
+    """sha256 of the resolved config without what does not change the run's results: the
+    ``output`` section (where results go), ``data.cache_dir`` and ``audit.attack`` (how a
+    finished run is attacked afterwards)."""
     d = to_dict(cfg)
     d.pop("output", None)
     d["data"].pop("cache_dir", None)
+    d["audit"].pop("attack", None)
+    if not any(d["audit"].values()):  # no audit records: hash as before the section existed
+        d.pop("audit")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -35,15 +35,21 @@ def fit_metrics(pred: torch.Tensor, table: ExampleTable) -> dict[str, float | No
     - ``noisy_true_acc``: share of mislabeled examples predicted as their *true* label.
     - ``outlier_acc``: accuracy on atypical examples (their labels are correct).
     - ``canary_acc``: share of inserted canary copies predicted as their random label.
+    - ``audit_canary_acc`` (only when the run has audit canaries): the same for the audit
+      canaries drawn into training.
     """
     on_obs = pred == table.y_obs
-    return {
+    out: dict[str, float | None] = {
         "train_acc_clean": _share(table.is_clean, on_obs),
         "noisy_memorized": _share(table.is_noisy, on_obs),
         "noisy_true_acc": _share(table.is_noisy, pred == table.y_true),
         "outlier_acc": _share(table.is_outlier, on_obs),
         "canary_acc": _share(table.is_canary, on_obs),
     }
+    audit_canary = table.is_audit_canary
+    if bool(audit_canary.any()):
+        out["audit_canary_acc"] = _share(audit_canary, on_obs)
+    return out
 
 
 @torch.no_grad()
@@ -92,6 +98,9 @@ class Probe(Protocol):
 class Observer:
     """Evaluates the model after every round and hands a metrics row to ``sink``.
 
+    Keeps a CPU copy of the latest model's weights (``last_state``): the run's final model,
+    saved as a checkpoint when the run ends.
+
     Rows: ``{"run", "round", <evaluate() fields>, <extra fields>, "wall_s"}``; ``wall_s`` is
     the time since :meth:`start`, evaluations included.
     """
@@ -109,6 +118,7 @@ class Observer:
         self.table, self.run, self.sink, self.batch_size = table, run, sink, batch_size
         self.probes = list(probes)
         self.rows: list[Row] = []
+        self.last_state: dict[str, torch.Tensor] | None = None  # the latest model's weights
         self._t0 = time.perf_counter()
 
     def start(self) -> None:
@@ -120,7 +130,7 @@ class Observer:
         for probe in self.probes:
             row.update(probe(round_, model, train_logits) or {})
         row["wall_s"] = round(time.perf_counter() - self._t0, 4)
+        self.last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.rows.append(row)
         self.sink(row)
         return row
-

@@ -1,7 +1,8 @@
 """Run directory ``<out>/<name>-<hash8>/``: cached, reproducible, never half-complete.
 
 Files: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one row per run and round),
-``summary.json``, and ``COMPLETE``, written last. A directory without ``COMPLETE`` is an
+``summary.json``, ``checkpoints/<run>.pt`` (each run's final weights), and ``COMPLETE``,
+written last. A directory without ``COMPLETE`` is an
 interrupted run: it is cleared and redone. A complete one is reused unless ``force``.
 """
 
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from fedmem.config import ExperimentConfig, config_hash, to_dict
@@ -90,6 +92,23 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / "summary.json").read_text())
+
+    def checkpoint_path(self, run: str) -> Path:
+        return self.path / "checkpoints" / f"{run}.pt"
+
+    def save_checkpoint(self, run: str, state: dict[str, Any] | None) -> None:
+        """The final weights of ``run`` (a state dict) as ``checkpoints/<run>.pt``."""
+        if state is None:
+            return
+        path = self.checkpoint_path(run)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, run: str) -> dict[str, Any]:
+        """The weights saved by :meth:`save_checkpoint` (FileNotFoundError if absent)."""
+        return torch.load(self.checkpoint_path(run), map_location="cpu", weights_only=True)
 
     def finish(self) -> None:
         """Mark the run complete; call last, after every result file is written."""

@@ -142,6 +142,7 @@ def run_experiment(
             return on_round
 
         trajectories: dict[str, TrajectoryProbe] = {}
+        observers: dict[str, Observer] = {}
 
         def observer(run: str) -> Observer:
             probes: list = []
@@ -152,7 +153,10 @@ def run_experiment(
                 probes.append(
                     GradientProbe(table, cfg.analysis.gradients, cfg.seed, run, gradient_sink)
                 )
-            return Observer(table, run, rd.append_metrics, cfg.train.eval_batch_size, probes)
+            observers[run] = Observer(
+                table, run, rd.append_metrics, cfg.train.eval_batch_size, probes
+            )
+            return observers[run]
 
         def gradient_sink(row: dict) -> None:
             rd.append_jsonl("gradients.jsonl", row)
@@ -176,6 +180,8 @@ def run_experiment(
                 "ray_start_s": round(eng.ray_start_s, 3),
                 "federated_simulation_s": round(eng.simulation_s, 3),
             }
+    for run, obs in observers.items():
+        rd.save_checkpoint(run, obs.last_state)
     rows = rd.read_metrics()
     runs = {
         name: summarize_rows([r for r in rows if r["run"] == name])

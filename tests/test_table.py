@@ -9,7 +9,7 @@ import torch
 
 from fedmem import config
 from fedmem.data.sources import Source
-from fedmem.data.table import ExampleTable, build_table
+from fedmem.data.table import AUDIT_CANARY, AUDIT_POOL, ExampleTable, build_table
 from fedmem.errors import ConfigError
 from tests.conftest import REPO
 
@@ -369,3 +369,68 @@ def test_save_load_roundtrip(tmp_path):
     _assert_tables_equal(t, loaded)
     assert isinstance(loaded.num_classes, int) and isinstance(loaded.num_clients, int)
     assert torch.equal(loaded.is_clean, t.is_clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit split: membership candidates and held-out clients
+# ---------------------------------------------------------------------------------------------
+AUDIT = ("audit.pool=300", "audit.canaries=80", "audit.heldout_clients=2", "data.noise.rate=0.2")
+
+
+def test_audit_candidates_link_rows_and_members():
+    t = table(*AUDIT)
+    m = t.audit_member
+    assert len(t.audit_x) == 380 and int((t.audit_kind == AUDIT_POOL).sum()) == 300
+    # each candidate in w.p. 1/2: the member share is binomial, 380 draws
+    assert 0.4 < float(m.float().mean()) < 0.6
+    rows = t.audit_row[m]
+    assert torch.equal(t.x[rows], t.audit_x[m]) and torch.equal(t.y_obs[rows], t.audit_y[m])
+    assert torch.equal(t.client[rows], t.audit_client[m])
+    assert (t.audit_row[~m] == -1).all()
+    assert torch.equal(t.audit_id[rows], torch.nonzero(m).flatten())
+    assert int((t.audit_id >= 0).sum()) == int(m.sum())
+    # non-members are nowhere in the training rows
+    for xi in t.audit_x[~m][:20]:
+        assert not (t.x == xi).all(1).any()
+    # audit canaries: random label kept, never counted as clean
+    ac = t.is_audit_canary
+    assert int(ac.sum()) == int((m & (t.audit_kind == AUDIT_CANARY)).sum())
+    assert not (t.is_clean & ac).any()
+    pool = t.audit_kind == AUDIT_POOL
+    assert bool(((t.audit_y != t.audit_y_true) & pool).any()), "pool holds mislabeled rows"
+    assert (t.audit_y[~pool] == t.audit_y_true[~pool]).all()
+
+
+def test_heldout_clients_never_train_and_cover_the_rest():
+    t = table(*AUDIT)
+    assert t.num_clients == 5 and t.num_heldout_clients == 2
+    assert set(torch.unique(t.heldout_client).tolist()) == {5, 6}
+    assert int(t.client.max()) == 4
+    pool_out = int(((t.audit_kind == AUDIT_POOL) & ~t.audit_member).sum())
+    source_rows = int((t.canary_id < 0).sum()) - int(t.is_audit_canary.sum())
+    assert source_rows + pool_out + len(t.heldout_y) == N  # every source row accounted for
+    assert (t.audit_client < 5).all()
+
+
+def test_audit_split_is_seeded_and_leaves_default_tables_alone():
+    a, b = table(*AUDIT), table(*AUDIT)
+    assert torch.equal(a.audit_member, b.audit_member) and torch.equal(a.x, b.x)
+    c = table(*AUDIT, "seed=1")
+    assert not torch.equal(a.audit_member, c.audit_member)
+    plain = table()
+    assert len(plain.audit_x) == 0 and len(plain.heldout_x) == 0 and len(plain) == N + 40
+    assert (plain.audit_id == -1).all()
+
+
+def test_audit_pool_too_large_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^audit\.pool: .*lower audit\.pool"):
+        table("audit.pool=5000")
+
+
+def test_audit_attack_settings_do_not_change_the_run_hash():
+    base = make_cfg(*AUDIT)
+    other = make_cfg(*AUDIT, "audit.attack.shadows=64", "audit.attack.epsilon_attack=loss")
+    assert config.config_hash(base) == config.config_hash(other)
+    assert config.config_hash(base) != config.config_hash(make_cfg())
+    with pytest.raises(ConfigError, match=r"^audit\.attack\.shadows: 7; must be even"):
+        make_cfg("audit.attack.shadows=7")

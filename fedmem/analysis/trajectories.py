@@ -122,13 +122,17 @@ def memorization_onset(
 
 
 def table_groups(table: ExampleTable) -> dict[str, Any]:
-    """The example kinds of an ExampleTable as masks: clean, mislabeled, outlier, canary."""
-    return {
+    """The example kinds of an ExampleTable as masks: clean, mislabeled, outlier, canary (and
+    audit_canary when the run has audit canaries)."""
+    groups = {
         "clean": table.is_clean,
         "mislabeled": table.is_noisy,
         "outlier": table.is_outlier,
         "canary": table.is_canary,
     }
+    if bool(table.is_audit_canary.any()):
+        groups["audit_canary"] = table.is_audit_canary
+    return groups
 
 
 def group_summary(

@@ -4,10 +4,14 @@ Built deterministically from the config (:func:`build_table`):
 
     source --> outliers (inputs corrupted, labels kept) --> partition over the true labels
            --> label noise (global or per-client rate, never on outliers)
+           --> audit split (held-out clients and non-member candidates leave the training rows)
            --> canaries appended (each copy a row, placed at the chosen clients)
+           --> member audit canaries appended (one row each)
 
-Row ``i`` has id ``i``: ids ``0..n-1`` are the source's training examples in source order, the
-canary copies follow. Never-inserted reference canaries are kept beside the table.
+Row ``i`` has id ``i``: the source's training examples that are trained on come first, in source
+order (all of them, ``0..n-1``, without an ``audit`` section), then the canary copies, then the
+audit canaries that were drawn in. Never-inserted reference canaries, every audit candidate
+(member or not) and the held-out clients' examples are kept beside the rows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from fedmem.data.sources import Source, load_source
 from fedmem.errors import ConfigError
 from fedmem.seeding import np_rng
 
+AUDIT_POOL, AUDIT_CANARY = 0, 1  # ExampleTable.audit_kind
+
 
 @dataclass(frozen=True)
 class ExampleTable:
@@ -47,6 +53,19 @@ class ExampleTable:
     canary_ref_y: torch.Tensor
     num_classes: int
     num_clients: int
+    # audit (empty without an ``audit`` section): membership candidates, each drawn in w.p. 1/2
+    audit_id: torch.Tensor  # (N,) int64, the row's candidate number (-1 if not a candidate)
+    audit_x: torch.Tensor  # (M, *input_shape) every candidate, member or not
+    audit_y: torch.Tensor  # (M,) the label it is (or would be) trained with
+    audit_y_true: torch.Tensor  # (M,)
+    audit_kind: torch.Tensor  # (M,) int64: AUDIT_POOL (a source example) or AUDIT_CANARY
+    audit_member: torch.Tensor  # (M,) bool, trained on
+    audit_client: torch.Tensor  # (M,) int64, the client that holds (or would hold) it
+    audit_row: torch.Tensor  # (M,) int64, its row when a member, else -1
+    heldout_x: torch.Tensor  # (H_rows, *input_shape) examples of never-trained clients
+    heldout_y: torch.Tensor  # (H_rows,) observed labels (noise applied like everywhere)
+    heldout_y_true: torch.Tensor
+    heldout_client: torch.Tensor  # (H_rows,) int64, ids num_clients .. num_clients + H - 1
 
     @property
     def ids(self) -> torch.Tensor:
@@ -57,9 +76,21 @@ class ExampleTable:
         return tuple(self.x.shape[1:])
 
     @property
+    def is_audit_canary(self) -> torch.Tensor:
+        """Rows that are audit canaries drawn into training (random input and label)."""
+        if len(self.audit_kind) == 0:
+            return torch.zeros(len(self), dtype=torch.bool)
+        kind = torch.where(self.audit_id >= 0, self.audit_kind[self.audit_id.clamp(min=0)], -1)
+        return kind == AUDIT_CANARY
+
+    @property
     def is_clean(self) -> torch.Tensor:
-        """Regular examples: correct label, typical input, not a canary."""
-        return ~(self.is_noisy | self.is_outlier | self.is_canary)
+        """Regular examples: correct label, typical input, not a canary of either kind."""
+        return ~(self.is_noisy | self.is_outlier | self.is_canary | self.is_audit_canary)
+
+    @property
+    def num_heldout_clients(self) -> int:
+        return int(len(torch.unique(self.heldout_client)))
 
     def __len__(self) -> int:
         return len(self.y_obs)
@@ -94,6 +125,7 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
     seed, dc = cfg.seed, cfg.data
     n, num_classes = len(src.y_train), src.num_classes
     num_clients = cfg.federation.num_clients
+    heldout = cfg.audit.heldout_clients
     x = src.x_train.numpy().copy()
     y_true = src.y_train.numpy().astype(np.int64)
 
@@ -105,10 +137,11 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
         x[out_idx], dc.outliers.kind, dc.outliers.strength, np_rng(seed, "outliers", "inputs")
     )
 
-    # partition over the true labels (clients own data; labels get corrupted afterwards)
+    # partition over the true labels (clients own data; labels get corrupted afterwards);
+    # held-out clients (audit) are the last ``heldout`` parts: partitioned like the others
     parts = partition(
         y_true,
-        num_clients,
+        num_clients + heldout,
         cfg.partition.kind,
         np_rng(seed, "partition"),
         alpha=cfg.partition.alpha,
@@ -139,6 +172,14 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
         y_true[noisy_idx], num_classes, dc.noise.kind, np_rng(seed, "noise", "labels")
     )
 
+    # audit split: membership candidates from the training clients, each kept w.p. 1/2
+    split = _audit_split(cfg, client, num_classes, src.input_shape)
+    keep = (client < num_clients) & ~np.isin(np.arange(n), split.pool[~split.pool_member])
+    kept = np.flatnonzero(keep)
+    row_of = np.full(n, -1, dtype=np.int64)
+    row_of[kept] = np.arange(len(kept))
+    is_held = client >= num_clients
+
     # canaries: inserted copies + never-inserted reference set from the same distribution
     can = dc.canaries
     crng = np_rng(seed, "canaries")
@@ -151,35 +192,115 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
     )
     copies = np.repeat(np.arange(can.count), can.repeats)
     m = len(copies)
+    can_client = np.concatenate(placement).astype(np.int64) if m else client[:0]
 
-    def cat(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([a, b]))
+    # candidates: pool examples, then audit canaries; members get rows after the canaries
+    n_pool, n_ac = len(split.pool), len(split.canary_y)
+    ac_member_idx = np.flatnonzero(split.canary_member)
+    audit_row = np.concatenate(
+        [
+            np.where(split.pool_member, row_of[split.pool], -1),
+            np.full(n_ac, -1, dtype=np.int64),
+        ]
+    ).astype(np.int64)
+    audit_row[n_pool + ac_member_idx] = len(kept) + m + np.arange(len(ac_member_idx))
+    n_rows = len(kept) + m + len(ac_member_idx)
+    audit_id = np.full(n_rows, -1, dtype=np.int64)
+    audit_id[audit_row[audit_row >= 0]] = np.flatnonzero(audit_row >= 0)
+    ac_x = split.canary_x[ac_member_idx]
+    ac_y = split.canary_y[ac_member_idx]
+    ac_n = len(ac_member_idx)
 
+    def cat(*arrays: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(arrays))
+
+    false = np.zeros(m + ac_n, dtype=bool)
     return ExampleTable(
-        x=cat(x, cx[copies].reshape(m, *src.input_shape)),
-        y_obs=cat(y_obs, cy[copies].astype(np.int64)),
-        y_true=cat(y_true, cy[copies].astype(np.int64)),
-        is_noisy=cat(is_noisy, np.zeros(m, dtype=bool)),
-        is_outlier=cat(is_outlier, np.zeros(m, dtype=bool)),
-        is_canary=cat(np.zeros(n, dtype=bool), np.ones(m, dtype=bool)),
-        canary_id=cat(np.full(n, -1, dtype=np.int64), copies.astype(np.int64)),
-        client=cat(client, np.concatenate(placement).astype(np.int64) if m else client[:0]),
+        x=cat(x[kept], cx[copies].reshape(m, *src.input_shape), ac_x),
+        y_obs=cat(y_obs[kept], cy[copies].astype(np.int64), ac_y),
+        y_true=cat(y_true[kept], cy[copies].astype(np.int64), ac_y),
+        is_noisy=cat(is_noisy[kept], false),
+        is_outlier=cat(is_outlier[kept], false),
+        is_canary=cat(np.zeros(len(kept), dtype=bool), np.ones(m, dtype=bool), false[:ac_n]),
+        canary_id=cat(
+            np.full(len(kept), -1, dtype=np.int64),
+            copies.astype(np.int64),
+            np.full(ac_n, -1, dtype=np.int64),
+        ),
+        client=cat(client[kept], can_client, split.canary_client[ac_member_idx]),
         x_test=src.x_test,
         y_test=src.y_test,
         canary_ref_x=torch.from_numpy(ref_x),
         canary_ref_y=torch.from_numpy(ref_y.astype(np.int64)),
         num_classes=num_classes,
         num_clients=num_clients,
+        audit_id=torch.from_numpy(audit_id),
+        audit_x=cat(x[split.pool], split.canary_x),
+        audit_y=cat(y_obs[split.pool], split.canary_y),
+        audit_y_true=cat(y_true[split.pool], split.canary_y),
+        audit_kind=cat(
+            np.full(n_pool, AUDIT_POOL, dtype=np.int64), np.full(n_ac, AUDIT_CANARY, np.int64)
+        ),
+        audit_member=cat(split.pool_member, split.canary_member),
+        audit_client=cat(client[split.pool], split.canary_client),
+        audit_row=torch.from_numpy(audit_row),
+        heldout_x=torch.from_numpy(x[is_held]),
+        heldout_y=torch.from_numpy(y_obs[is_held]),
+        heldout_y_true=torch.from_numpy(y_true[is_held]),
+        heldout_client=torch.from_numpy(client[is_held]),
     )
+
+
+@dataclass(frozen=True)
+class _AuditSplit:
+    pool: np.ndarray  # source indices of the pool candidates (sorted)
+    pool_member: np.ndarray  # bool
+    canary_x: np.ndarray
+    canary_y: np.ndarray
+    canary_member: np.ndarray  # bool
+    canary_client: np.ndarray  # int64, the training client that holds (would hold) it
+
+
+def _audit_split(
+    cfg: ExperimentConfig,
+    client: np.ndarray,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+) -> _AuditSplit:
+    """Draw the membership candidates of ``cfg.audit``, each included independently w.p. 1/2.
+
+    Pool candidates are uniform among the training clients' examples (mislabeled and outliers
+    included: they are part of the data an attacker targets); audit canaries are random inputs
+    with random labels (like ``data.canaries``), each held by a uniformly chosen training client.
+    Independent Bernoulli(1/2) inclusion is what the one-run audit of Steinke et al. (2023)
+    needs and what LiRA's member / non-member split assumes.
+    """
+    au, num_clients = cfg.audit, cfg.federation.num_clients
+    eligible = np.flatnonzero(client < num_clients)
+    if au.pool > len(eligible):
+        raise ConfigError(
+            f"audit.pool: {au.pool} exceeds the {len(eligible)} training examples of the "
+            "training clients; lower audit.pool or generate more data"
+        )
+    rng = np_rng(cfg.seed, "audit", "pool")
+    pool = np.sort(rng.choice(eligible, size=au.pool, replace=False))
+    pool_member = rng.random(au.pool) < 0.5
+    crng = np_rng(cfg.seed, "audit", "canaries")
+    cx, cy = corrupt.make_canaries(au.canaries, input_shape, num_classes, crng)
+    canary_member = crng.random(au.canaries) < 0.5
+    canary_client = crng.integers(0, num_clients, size=au.canaries).astype(np.int64)
+    return _AuditSplit(pool, pool_member, cx, cy.astype(np.int64), canary_member, canary_client)
 
 
 def table_key(cfg: ExperimentConfig) -> str:
     """Hash of everything the table depends on: seed, data (not its cache), partition, clients."""
     d = to_dict(cfg)
     d["data"].pop("cache_dir", None)
-    blob = json.dumps(
-        [d["seed"], d["data"], d["partition"], d["federation"]["num_clients"]], sort_keys=True
-    )
+    key = [d["seed"], d["data"], d["partition"], d["federation"]["num_clients"]]
+    audit = {k: v for k, v in d["audit"].items() if k != "attack"}
+    if any(audit.values()):
+        key.append(audit)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
