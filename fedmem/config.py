@@ -83,15 +83,22 @@ class OutlierConfig(_Section):
 
 
 class CanaryConfig(_Section):
-    """Canaries: random inputs with random labels, each inserted `repeats` times (Carlini 2019)."""
+    """Canaries: random inputs with random labels, each inserted `repeats` times (Carlini 2019).
+
+    ``repeats`` and ``clients_per_canary`` may be lists: the canaries then cycle through every
+    (repeats, clients) pair with clients <= repeats, so exposure can be compared by insertion
+    count and by how many clients held a canary (Thakkar et al. 2020).
+    """
 
     count: int = Field(0, ge=0, description="number of distinct canaries inserted")
-    repeats: int = Field(1, ge=1, description="copies of each canary in the training data")
+    repeats: int | list[int] = Field(
+        1, description="copies of each canary in the training data (a list: canaries cycle)"
+    )
     num_clients: int = Field(
         1, ge=1, description="how many clients hold canaries (chosen by the seed)"
     )
-    clients_per_canary: int = Field(
-        1, ge=1, description="a canary's copies are spread over this many of those clients"
+    clients_per_canary: int | list[int] = Field(
+        1, description="a canary's copies are spread over this many of those clients (or a list)"
     )
     reference: int = Field(
         100, ge=0, description="never-inserted canaries from the same distribution (exposure)"
@@ -99,16 +106,33 @@ class CanaryConfig(_Section):
 
     @model_validator(mode="after")
     def _spread(self) -> CanaryConfig:
-        if self.clients_per_canary > self.num_clients:
+        for key in ("repeats", "clients_per_canary"):
+            values = _as_list(getattr(self, key))
+            if not values or min(values) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}; every value must be >= 1")
+        if max(_as_list(self.clients_per_canary)) > self.num_clients:
             raise ValueError(
                 f"clients_per_canary={self.clients_per_canary} exceeds num_clients="
                 f"{self.num_clients}"
             )
-        if self.clients_per_canary > self.repeats:
+        if not self.kinds():
             raise ValueError(
                 f"clients_per_canary={self.clients_per_canary} exceeds repeats={self.repeats}"
             )
         return self
+
+    def kinds(self) -> list[tuple[int, int]]:
+        """The (copies, holding clients) pairs the canaries cycle through."""
+        return [
+            (r, h)
+            for h in _as_list(self.clients_per_canary)
+            for r in _as_list(self.repeats)
+            if h <= r
+        ]
+
+
+def _as_list(v: int | list[int]) -> list[int]:
+    return list(v) if isinstance(v, list) else [v]
 
 
 class Mnist1dConfig(_Section):

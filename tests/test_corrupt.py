@@ -227,7 +227,7 @@ def test_make_canaries_zero_count():
 def test_place_canaries(count, repeats, num_canary_clients, per_canary):
     canary_clients = np.array([1, 4, 6, 8, 9])[:num_canary_clients]
     placement = corrupt.place_canaries(
-        count, repeats, canary_clients, per_canary, np.random.default_rng(5)
+        [(repeats, per_canary)], count, canary_clients, np.random.default_rng(5)
     )
     assert len(placement) == count
     for holders in placement:
@@ -241,6 +241,14 @@ def test_place_canaries(count, repeats, num_canary_clients, per_canary):
 
 def test_place_canaries_uses_all_canary_clients_over_many():
     canary_clients = np.array([0, 3, 7])
-    placement = corrupt.place_canaries(200, 2, canary_clients, 1, np.random.default_rng(0))
+    placement = corrupt.place_canaries([(2, 1)], 200, canary_clients, np.random.default_rng(0))
     used = np.concatenate(placement)
     assert set(used.tolist()) == {0, 3, 7}
+
+
+def test_place_canaries_cycles_through_kinds():
+    kinds = [(1, 1), (4, 1), (4, 2)]
+    placement = corrupt.place_canaries(kinds, 9, np.array([0, 2, 5]), np.random.default_rng(1))
+    for i, holders in enumerate(placement):
+        copies, clients = kinds[i % 3]
+        assert len(holders) == copies and len(np.unique(holders)) == clients

@@ -236,6 +236,23 @@ def test_canaries_rows_and_placement(count, repeats, num_clients, per_canary):
     assert len(torch.unique(firsts, dim=0)) == count
 
 
+def test_canary_lists_cycle_copies_and_holders():
+    t = table(
+        "data.canaries.count=12",
+        "data.canaries.repeats=[1, 4]",
+        "data.canaries.clients_per_canary=[1, 2]",
+    )
+    # kinds: (1 copy, 1 client), (4, 1), (4, 2); (1, 2) is impossible and skipped
+    copies = torch.bincount(t.canary_id[t.is_canary], minlength=12)
+    assert copies.tolist() == [1, 4, 4] * 4
+    holders = [len(torch.unique(t.client[t.canary_id == c])) for c in range(12)]
+    assert holders == [1, 1, 2] * 4
+    with pytest.raises(ConfigError, match="clients_per_canary"):
+        make_cfg("data.canaries.repeats=[1]", "data.canaries.clients_per_canary=[2]")
+    with pytest.raises(ConfigError, match="repeats"):
+        make_cfg("data.canaries.repeats=[0, 2]")
+
+
 def test_reference_canaries():
     t = table("data.canaries.reference=30", "data.canaries.count=10")
     assert t.canary_ref_x.shape == (30, *SHAPE)

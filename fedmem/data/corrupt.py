@@ -73,19 +73,20 @@ def make_canaries(
 
 
 def place_canaries(
+    kinds: list[tuple[int, int]],
     count: int,
-    repeats: int,
     canary_clients: np.ndarray,
-    clients_per_canary: int,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
-    """For each canary, the client of each of its ``repeats`` copies.
+    """For each canary, the client of each of its copies.
 
-    Each canary picks ``clients_per_canary`` distinct clients from ``canary_clients`` and its
-    copies go to them in turn, so every chosen client holds at least one copy.
+    Canary ``i`` is of kind ``kinds[i % len(kinds)] = (copies, holders)``: it picks
+    ``holders`` distinct clients from ``canary_clients`` and its copies go to them in turn, so
+    every chosen client holds at least one copy.
     """
     out = []
-    for _ in range(count):
-        holders = rng.choice(canary_clients, size=clients_per_canary, replace=False)
-        out.append(np.resize(holders, repeats))
+    for i in range(count):
+        copies, holders = kinds[i % len(kinds)]
+        chosen = rng.choice(canary_clients, size=holders, replace=False)
+        out.append(np.resize(chosen, copies))
     return out

@@ -187,10 +187,8 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
     ref_x, ref_y = cx[can.count :], cy[can.count :]
     cx, cy = cx[: can.count], cy[: can.count]
     can_clients = crng.choice(num_clients, size=min(can.num_clients, num_clients), replace=False)
-    placement = corrupt.place_canaries(
-        can.count, can.repeats, np.sort(can_clients), can.clients_per_canary, crng
-    )
-    copies = np.repeat(np.arange(can.count), can.repeats)
+    placement = corrupt.place_canaries(can.kinds(), can.count, np.sort(can_clients), crng)
+    copies = np.repeat(np.arange(can.count), [len(p) for p in placement]).astype(np.int64)
     m = len(copies)
     can_client = np.concatenate(placement).astype(np.int64) if m else client[:0]
 
