@@ -30,6 +30,18 @@ def small_overrides(tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
+def one_thread():
+    """Small tensors: one torch thread avoids OpenMP barrier waits on a loaded 2-core machine
+    (use as ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small_cfg(tmp_path):
     from fedmem import config
 

@@ -24,14 +24,7 @@ ADAM = TrainConfig(optimizer="adam", lr=3e-3, weight_decay=1e-3, batch_size=32)
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and robust when other jobs load the CPUs
-    (two spinning threads on a busy 2-core machine made these tests 50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 300, seed: int = 0):

@@ -27,14 +27,7 @@ from fedmem.seeding import np_rng
 
 from .conftest import CACHE, REPO
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is fast and robust to other jobs on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

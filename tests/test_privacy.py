@@ -31,13 +31,7 @@ from fedmem.train import TrainHook, keyed_order, poisson_batch, train_epochs
 MODES = ("hooks", "functorch", "ew", "ghost")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread avoids OpenMP barrier waits on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (name, input shape, ModelConfig): small versions of every registry model; resnet9 goes
