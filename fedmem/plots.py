@@ -118,3 +118,30 @@ def score_histograms(
     ax.legend(fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """Membership-inference ROC curves on log-log axes (Carlini et al. 2022, Fig. 1 style):
+    the low false-positive region, where an attack is confident, is what matters."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo = 1.0
+    for label, (fpr, tpr) in curves.items():
+        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+        if len(fpr) == 0:
+            continue
+        positive = fpr[fpr > 0]
+        if len(positive):
+            lo = min(lo, float(positive.min()))
+        ax.plot(fpr, tpr, label=label)
+    lo = max(lo / 2, 1e-5)
+    ax.plot([lo, 1], [lo, 1], ":", color="gray", label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(lo, 1.05)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    return _save(fig, path)

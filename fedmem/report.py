@@ -231,8 +231,40 @@ def render_report(run_dir: str | Path) -> Path:
         hist = m.get("histogram")
         if hist:
             out += [f"![memorization scores]({hist})", ""]
+    out += _audit_md(run_dir)
     atomic_write_text(run_dir / "report.md", "\n".join(out) + "\n")
     return run_dir / "report.md"
+
+
+def _audit_md(run_dir: Path) -> list[str]:
+    """The privacy-audit section, when ``python -m fedmem.audit`` has written audit.json."""
+    path = run_dir / "audit.json"
+    if not path.is_file():
+        return []
+    from fedmem.privacy.audit import AUDIT_COLUMNS, audit_rows
+
+    result = json.loads(path.read_text())
+    out = [
+        "## Privacy audit",
+        "",
+        "Canary exposure (Carlini et al. 2019; mean over inserted canaries), record-level "
+        "membership inference on the audit pool (loss threshold, Yeom et al. 2018; LiRA, "
+        "Carlini et al. 2022; RMIA, Zarifzadeh et al. 2024; TPR at 1% FPR), client-level "
+        "inference (training vs held-out clients) and the one-run empirical epsilon lower bound "
+        "(Steinke et al. 2023) beside the accountant's epsilon.",
+        "",
+        md_table(["model", *(label for _, label in AUDIT_COLUMNS)], audit_rows(result)),
+        "",
+    ]
+    for name, sh in (result.get("shadows") or {}).items():
+        note = "; ".join(sh.get("not_simulated") or []) or "same recipe as the target"
+        out.append(f"- {name}: {sh['models']} {sh['recipe']} shadow models ({note}).")
+    for part, keys in (result.get("skipped") or {}).items():
+        out.append(f"- skipped {part}: set {keys}.")
+    out.append("")
+    for name, plot in (result.get("plots") or {}).items():
+        out += [f"![membership inference ROC, {name}]({plot})", ""]
+    return out
 
 
 def compare_table(run_dirs: list[Path]) -> Table:

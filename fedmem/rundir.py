@@ -9,18 +9,33 @@ interrupted run: it is cleared and redone. A complete one is reused unless ``for
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from fedmem.config import ExperimentConfig, config_hash, to_dict
 
 COMPLETE = "COMPLETE"
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` with NaN / infinity -> None and numpy scalars -> Python numbers (strict JSON)."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def atomic_write_text(path: Path, text: str) -> None:

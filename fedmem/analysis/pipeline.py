@@ -25,6 +25,7 @@ from fedmem.analysis.trajectories import table_groups
 from fedmem.central import resolve_device
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
+from fedmem.rundir import json_safe
 from fedmem.seeding import derive_seed, np_rng
 
 
@@ -34,19 +35,6 @@ def _masks(cfg: ExperimentConfig, table: ExampleTable, level: str) -> torch.Tens
     if level == "client":
         return client_subset_masks(table.client, table.num_clients, ms.models, ms.subset, rng)
     return subset_masks(len(table), ms.models, ms.subset, rng)
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe: NaN -> None, numpy scalars -> floats."""
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v
 
 
 def memorization_scores_stage(
@@ -99,7 +87,7 @@ def memorization_scores_stage(
             f"Feldman-Zhang memorization scores ({level} level, K={ms.models})",
         )
         s = rep["summary"]
-        out[level] = _clean(
+        out[level] = json_safe(
             {
                 "models": ms.models,
                 "subset": ms.subset,

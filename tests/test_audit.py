@@ -1,0 +1,270 @@
+"""``python -m fedmem.audit``: a real small run audited end to end, input errors, DP checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedmem import config
+from fedmem.audit import VIOLATION_EXIT
+from fedmem.audit import main as audit_main
+from fedmem.data.table import build_table
+from fedmem.errors import InputError
+from fedmem.privacy.audit import (
+    attack_overrides,
+    canary_exposure,
+    check_auditable,
+    claimed_privacy,
+    client_scores,
+    shadow_data,
+)
+from fedmem.simulate import main as simulate_main
+from tests.conftest import REPO, small_overrides
+
+AUDIT = [
+    "audit.pool=300",
+    "audit.canaries=100",
+    "audit.heldout_clients=2",
+    "audit.attack.shadows=8",
+    "data.mnist1d.num_samples=1500",
+    "data.noise.rate=0.1",
+    "data.canaries.repeats=[1, 4]",
+    "data.canaries.reference=200",
+    "train.rounds=12",
+    "model.hidden=128",
+    "federation.backend=local",
+    "analysis.gradients.enabled=false",
+]
+
+
+def _run(tmp_path, *extra: str):
+    args = [*small_overrides(tmp_path), *AUDIT, *extra]
+    assert simulate_main(args) == 0
+    (d,) = (tmp_path / "runs").iterdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A small overfit non-private run (central + federated) and its audit."""
+    tmp = tmp_path_factory.mktemp("audit")
+    run_dir = _run(tmp)
+    assert audit_main([str(run_dir)]) == 0
+    return run_dir, json.loads((run_dir / "audit.json").read_text())
+
+
+def test_audit_outputs_and_numbers(audited):
+    run_dir, result = audited
+    assert set(result["runs"]) == {"central", "federated"}
+    assert result["skipped"] == {}
+    assert result["shadows"]["central"]["recipe"] == "central"
+    assert result["shadows"]["federated"]["recipe"] == "fedavg"
+    for name, res in result["runs"].items():
+        ex = res["exposure"]
+        assert ex["references"] == 200
+        per = np.array(ex["per_canary"])
+        assert len(per) == 10 and (per >= 0).all() and (per <= math.log2(201) + 1e-9).all()
+        assert set(ex["by_group"]) == {"all", "copies=1", "copies=4", "clients=1"}
+        mem = res["membership"]
+        assert mem["candidates"] == 300 and 100 < mem["members"] < 200
+        for a in ("loss", "lira_online", "lira_offline", "rmia"):
+            s = mem["attacks"][a]
+            assert 0.0 <= s["auc"] <= 1.0 and 0.0 <= s["tpr_at_1pct_fpr"] <= 1.0, (name, a)
+        assert res["client_membership"]["clients"] == 4
+        assert res["client_membership"]["heldout_clients"] == 2
+        one = res["one_run_epsilon"]
+        assert one["canaries"] == 100 and one["claims"][0]["accountant"] == "none"
+        assert one["claims"][0]["violated"] is False
+    # the central model overfits (12 epochs, ~1k rows, no regularization): attacks see it
+    central = result["runs"]["central"]
+    assert central["membership"]["attacks"]["lira_online"]["auc"] > 0.6
+    assert central["membership"]["attacks"]["loss"]["auc"] > 0.55
+    assert central["one_run_epsilon"]["lower_bound"] > 0.2
+    assert central["exposure"]["by_group"]["copies=4"]["mean"] > 2.0
+    # outputs: plots, summary headline, report section
+    for name in ("central", "federated"):
+        assert (run_dir / result["plots"][name]).is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (
+        summary["audit"]["central"]["lira_online_auc"]
+        == (central["membership"]["attacks"]["lira_online"]["auc"])
+    )
+    report = (run_dir / "report.md").read_text()
+    assert "## Privacy audit" in report and "audit_roc_central.png" in report
+
+
+def test_audit_is_cached_and_attack_settings_recompute(audited, capsys):
+    run_dir, result = audited
+    assert audit_main([str(run_dir)]) == 0
+    assert "cached" in capsys.readouterr().out
+    again = json.loads((run_dir / "audit.json").read_text())
+    assert again == result
+
+
+def test_dp_violation_is_reported(audited, tmp_path, capsys):
+    """Claiming a tiny epsilon for an overfit non-private model must be caught (exit 3)."""
+    import shutil
+
+    run_dir, _ = audited
+    fake = tmp_path / run_dir.name
+    shutil.copytree(run_dir, fake)
+    summary = json.loads((fake / "summary.json").read_text())
+    summary["privacy"] = {"record_level": {"central": {"epsilon": 0.01}}}
+    (fake / "summary.json").write_text(json.dumps(summary))
+    assert audit_main([str(fake), "--force"]) == VIOLATION_EXIT
+    err = capsys.readouterr().err
+    assert "DP violation: central" in err and "0.01" in err
+    res = json.loads((fake / "audit.json").read_text())["runs"]["central"]["one_run_epsilon"]
+    assert res["claims"][0]["violated"] is True and res["lower_bound"] > 0.01
+
+
+def test_dp_run_lower_bound_below_accountant(tmp_path):
+    run_dir = _run(
+        tmp_path,
+        "federation.enabled=false",
+        "privacy.record_level=true",
+        "privacy.noise_multiplier=2.0",
+    )
+    assert audit_main([str(run_dir)]) == 0
+    res = json.loads((run_dir / "audit.json").read_text())["runs"]["central"]
+    one = res["one_run_epsilon"]
+    claim = one["claims"][0]
+    assert claim["accountant"] == "record_level" and isinstance(claim["epsilon"], float)
+    assert one["lower_bound"] <= claim["epsilon"] and not claim["violated"]
+    # strong noise: membership inference near chance (300 candidates: AUC s.e. ~0.035)
+    for a, s in res["membership"]["attacks"].items():
+        assert abs(s["auc"] - 0.5) < 0.15, (a, s["auc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# input errors
+# ---------------------------------------------------------------------------------------------
+def test_run_without_audit_records_exits_2_naming_keys(tmp_path, capsys):
+    args = [*small_overrides(tmp_path), "federation.enabled=false"]
+    assert simulate_main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert audit_main([str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: audit.pool:") and "audit.canaries" in err
+    assert "\n" not in err
+    assert not (run_dir / "audit.json").exists()
+
+
+def test_not_a_run_dir_and_incomplete_and_bad_override(tmp_path, capsys):
+    assert audit_main([str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    assert audit_main([str(tmp_path)]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"^audit\.pool: only audit\.attack"):
+        attack_overrides(["audit.pool=5"])
+    with pytest.raises(InputError, match=r"^train: only audit\.attack"):
+        attack_overrides(["train.lr=0.1"])
+    assert attack_overrides(["audit.attack.shadows=4"]) == {"audit": {"attack": {"shadows": 4}}}
+
+
+def test_missing_parts_name_their_keys():
+    cfg = config.load(REPO / "configs" / "default.yaml", ["audit.pool=10"])
+    missing = check_auditable(cfg)
+    assert set(missing) == {"one_run_epsilon", "client_membership"}
+    assert "audit.canaries" in missing["one_run_epsilon"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces
+# ---------------------------------------------------------------------------------------------
+def test_client_scores_average_per_client():
+    ids, means = client_scores(np.array([1.0, 3.0, 5.0, 10.0]), np.array([2, 0, 2, 0]))
+    assert ids.tolist() == [0, 2] and means.tolist() == [6.5, 3.0]
+
+
+def test_canary_exposure_groups():
+    refs = np.arange(1.0, 100.0)  # 99 references
+    res = canary_exposure(
+        np.array([0.5, 99.5, 49.5, 0.5]),
+        refs,
+        copies=np.array([4, 1, 1, 4]),
+        holders=np.array([1, 1, 2, 2]),
+    )
+    assert res["per_canary"] == pytest.approx([math.log2(100), 0.0, 1.0, math.log2(100)])
+    assert res["by_group"]["copies=4"]["mean"] == pytest.approx(math.log2(100))
+    assert res["by_group"]["copies=1"]["mean"] == pytest.approx(0.5)
+    assert res["by_group"]["clients=2"]["count"] == 2
+
+
+def test_shadow_data_covers_rows_and_candidates():
+    cfg = config.load(
+        REPO / "configs" / "default.yaml",
+        ["audit.pool=200", "audit.canaries=40", "data.mnist1d.num_samples=1000"],
+    )
+    table = build_table(cfg)
+    data = shadow_data(table)
+    out = int((~table.audit_member).sum())
+    assert len(data.y) == len(table) + out
+    assert torch.equal(data.x[data.candidate_row], table.audit_x)
+    assert torch.equal(data.y[data.candidate_row], table.audit_y)
+    assert torch.equal(data.client[data.candidate_row], table.audit_client)
+    cand = torch.zeros(2, 240, dtype=torch.bool)
+    cand[0, :5] = True
+    masks = data.row_masks(cand)
+    non_candidates = torch.ones(len(data.y), dtype=torch.bool)
+    non_candidates[data.candidate_row] = False
+    assert masks[:, non_candidates].all()
+    assert int(masks[0, data.candidate_row].sum()) == 5 and not masks[1, data.candidate_row].any()
+
+
+def test_claimed_privacy_picks_the_worst_client_and_user_level():
+    cfg = config.load(REPO / "configs" / "default.yaml")
+    summary = {
+        "privacy": {
+            "record_level": {
+                "clients": {
+                    "0": {"epsilon": 2.0, "delta": 1e-4},
+                    "1": {"epsilon": 5.0, "delta": 2e-4},
+                }
+            },
+            "user_level": {"epsilon": 3.0, "delta": 1e-2},
+        }
+    }
+    claims = claimed_privacy(cfg, summary, "federated", 1000)
+    assert [(c["accountant"], c["epsilon"], c["delta"]) for c in claims] == [
+        ("record_level", 5.0, 2e-4),
+        ("user_level", 3.0, 1e-2),
+    ]
+    none = claimed_privacy(cfg, {}, "central", 1000)
+    assert none == [{"accountant": "none", "epsilon": "inf", "delta": 1e-4}]
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset, full size (slow: ~5 minutes per run with its audit)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("dp", [False, True])
+def test_audit_preset_lira_beats_loss_and_dp_is_near_chance(tmp_path, dp):
+    extra = ["privacy.record_level=true", "privacy.noise_multiplier=2"] if dp else []
+    args = [
+        "--config",
+        str(REPO / "configs" / "audit.yaml"),
+        f"output.dir={tmp_path / 'runs'}",
+        "federation.backend=local",
+        *extra,
+    ]
+    assert simulate_main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert audit_main([str(run_dir)]) == 0
+    result = json.loads((run_dir / "audit.json").read_text())
+    central = result["runs"]["central"]["membership"]["attacks"]
+    if not dp:
+        # measured: LiRA online 0.877 vs loss 0.766 AUC, TPR at 1% FPR 0.30
+        assert central["lira_online"]["auc"] > central["loss"]["auc"] + 0.05
+        assert central["lira_online"]["tpr_at_1pct_fpr"] > 0.1
+    else:
+        for name, res in result["runs"].items():
+            for a, s in res["membership"]["attacks"].items():
+                assert abs(s["auc"] - 0.5) < 0.06, (name, a, s["auc"])
+            one = res["one_run_epsilon"]
+            assert one["lower_bound"] <= one["claims"][0]["epsilon"]
