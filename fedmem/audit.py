@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     console, err = Console(), Console(stderr=True)
-    from fedmem.privacy.audit import audit_table, open_run, run_audit, violations
+    from fedmem.privacy.audit import open_run, run_audit
+    from fedmem.privacy.audit_report import audit_table, violations
 
     try:
         run = open_run(args.run_dir, args.overrides)

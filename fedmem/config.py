@@ -318,9 +318,6 @@ class AuditAttackConfig(_Section):
     confidence: float = Field(
         0.95, gt=0.5, lt=1.0, description="confidence of the one-run epsilon lower bound"
     )
-    max_rows: int = Field(
-        5000, ge=1, description="largest number of training rows each client-level score averages"
-    )
 
     @model_validator(mode="after")
     def _even(self) -> AuditAttackConfig:
@@ -428,11 +425,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
+            merged[k] = merge_dicts(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -499,9 +496,9 @@ def load(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config: {p} must hold a mapping of sections")
         raw = loaded or {}
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = merge_dicts(raw, parse_overrides(overrides or []))
     if default_name is not None and "name" not in (raw.get("output") or {}):
-        raw = _merge(raw, {"output": {"name": default_name}})
+        raw = merge_dicts(raw, {"output": {"name": default_name}})
     return build(raw)
 
 

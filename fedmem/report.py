@@ -241,7 +241,7 @@ def _audit_md(run_dir: Path) -> list[str]:
     path = run_dir / "audit.json"
     if not path.is_file():
         return []
-    from fedmem.privacy.audit import AUDIT_COLUMNS, audit_rows
+    from fedmem.privacy.audit_report import AUDIT_COLUMNS, audit_rows
 
     result = json.loads(path.read_text())
     out = [

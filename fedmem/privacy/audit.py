@@ -15,7 +15,8 @@ For each model the run trained (``central`` and ``federated``, from ``checkpoint
    examples, training clients (members) vs ``audit.heldout_clients`` (non-members).
 4. **Empirical epsilon in one run** (Steinke, Nasr & Jagielski 2023) from the attack scores of
    the ``audit.canaries`` audit canaries, beside the accountant's epsilon; a lower bound above
-   a claimed epsilon is a violation (:class:`PrivacyViolation`): the DP code would be wrong.
+   a claimed epsilon is a violation (:func:`fedmem.privacy.audit_report.violations`): the DP
+   code would be wrong.
 
 :func:`run_audit` writes ``audit.json``, ``plots/audit_roc_<run>.png`` and an ``audit``
 section in ``summary.json`` / ``report.md``. It is cached by the run's config hash and the
@@ -37,7 +38,6 @@ import torch.nn.functional as F
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch import nn
 
 from fedmem import config as config_mod
@@ -48,6 +48,7 @@ from fedmem.data.table import AUDIT_CANARY, AUDIT_POOL, ExampleTable, cached_tab
 from fedmem.errors import InputError
 from fedmem.observer import predict
 from fedmem.privacy import attacks, exposure, one_run
+from fedmem.privacy.audit_report import headline
 from fedmem.privacy.dp import default_delta
 from fedmem.privacy.shadows import (
     ShadowModels,
@@ -73,10 +74,6 @@ NEEDS = {
     "client_membership": "audit.heldout_clients (never-trained clients, e.g. 2)",
     "exposure": "data.canaries.count and data.canaries.reference (e.g. 10 and 100)",
 }
-
-
-class PrivacyViolation(RuntimeError):
-    """An empirical epsilon lower bound exceeds the epsilon the accountant claimed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +121,7 @@ def open_run(path: str | Path, overrides: list[str] | None = None) -> AuditedRun
         raw = yaml.safe_load((path / "config.yaml").read_text())
     except yaml.YAMLError as e:
         raise InputError(f"RUN_DIR: {path}/config.yaml is not valid YAML ({e})") from None
-    raw = config_mod._merge(raw, attack_overrides(overrides or []))
+    raw = config_mod.merge_dicts(raw, attack_overrides(overrides or []))
     cfg = config_mod.build(raw)
     rd = RunDir(path)
     for run in ("central", "federated") if cfg.federation.enabled else ("central",):
@@ -505,8 +502,8 @@ def train_shadows(
 def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[str, Any]:
     """Audit every model of ``run``; write and return ``audit.json``'s content.
 
-    Raises :class:`PrivacyViolation` (after writing the results) when a one-run lower bound
-    exceeds a claimed epsilon.
+    A one-run lower bound above a claimed epsilon is recorded (``violated: true``), not raised:
+    :func:`fedmem.privacy.audit_report.violations` lists them after the results are written.
     """
     missing = check_auditable(run.cfg)
     cached = None if force else cached_audit(run)
@@ -561,70 +558,3 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
 
     render_report(run.rd.path)
     return result
-
-
-def violations(result: dict[str, Any]) -> list[str]:
-    """One line per claimed epsilon that a one-run lower bound exceeds."""
-    out = []
-    for name, res in result["runs"].items():
-        for c in (res.get("one_run_epsilon") or {}).get("claims", []):
-            if c["violated"]:
-                out.append(
-                    f"{name}: empirical epsilon >= {c['lower_bound']:.3f} at "
-                    f"{res['one_run_epsilon']['confidence']:.0%} confidence exceeds the "
-                    f"{c['accountant']} accountant's epsilon {c['epsilon']} "
-                    f"(delta {c['delta']:.2e})"
-                )
-    return out
-
-
-def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers per model that go into summary.json and the console table."""
-    out: dict[str, Any] = {}
-    for name, res in result["runs"].items():
-        h: dict[str, Any] = {}
-        if "exposure" in res:
-            h["exposure_mean"] = res["exposure"]["by_group"]["all"]["mean"]
-        for a, s in ((res.get("membership") or {}).get("attacks") or {}).items():
-            h[f"{a}_auc"] = s["auc"]
-            h[f"{a}_tpr_at_1pct_fpr"] = s["tpr_at_1pct_fpr"]
-        if "client_membership" in res:
-            h["client_auc"] = res["client_membership"]["auc"]
-        if "one_run_epsilon" in res:
-            h["epsilon_lower_bound"] = res["one_run_epsilon"]["lower_bound"]
-            h["accountant_epsilon"] = res["one_run_epsilon"]["accountant_epsilon"]
-        out[name] = h
-    return out
-
-
-AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("exposure_mean", "exposure"),
-    ("loss_auc", "loss AUC"),
-    ("lira_online_auc", "LiRA AUC"),
-    ("lira_online_tpr_at_1pct_fpr", "LiRA TPR@1%"),
-    ("lira_offline_auc", "LiRA off AUC"),
-    ("rmia_auc", "RMIA AUC"),
-    ("client_auc", "client AUC"),
-    ("epsilon_lower_bound", "eps >= (1 run)"),
-    ("accountant_epsilon", "eps accountant"),
-)
-
-
-def audit_rows(result: dict[str, Any]) -> list[list[str]]:
-    """The console / report table rows: one per audited model."""
-    from fedmem.report import cell
-
-    return [
-        [name, *(cell(h.get(key)) for key, _ in AUDIT_COLUMNS)]
-        for name, h in headline(result).items()
-    ]
-
-
-def audit_table(result: dict[str, Any], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("model")
-    for _, label in AUDIT_COLUMNS:
-        table.add_column(label, justify="right")
-    for row in audit_rows(result):
-        table.add_row(*row)
-    return table
