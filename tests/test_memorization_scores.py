@@ -271,3 +271,33 @@ def test_memorization_on_small_mnist1d():
     )
     assert s["auc_mislabeled_vs_clean"] > 0.65
     assert s["mem_mean"]["mislabeled"] > s["mem_mean"]["clean"] + 0.15
+
+
+def test_one_row_per_group_equals_subset_masks():
+    a = subset_masks(57, 5, 0.7, np.random.default_rng(3))
+    b = client_subset_masks(np.arange(57), 57, 5, 0.7, np.random.default_rng(3))
+    assert torch.equal(a, b)
+
+
+def test_example_level_keeps_canary_copies_together():
+    from fedmem.analysis.pipeline import _masks, example_units
+
+    cfg = config.load(
+        REPO / "configs" / "memscores.yaml",
+        [
+            f"data.cache_dir={CACHE}",
+            "data.mnist1d.num_samples=1000",
+            "analysis.memorization_scores.models=16",
+        ],
+    )
+    table = cached_table(cfg)
+    units = example_units(table)
+    assert int(units.max()) + 1 == len(table) - int(table.is_canary.sum()) + int(
+        table.canary_id.max() + 1
+    )
+    masks = _masks(cfg, table, "example")
+    for c in range(int(table.canary_id.max()) + 1):
+        cols = masks[:, table.canary_id == c]
+        assert (cols == cols[:, :1]).all(), "all copies of a canary are in or out together"
+    # about the configured share of units is in each model
+    assert abs(float(masks[:, ~table.is_canary].float().mean()) - 0.7) < 0.02

@@ -80,6 +80,8 @@ def client_subset_masks(
 
     ``client_of_row`` (N,) is each row's client id in ``0..num_clients-1``. Row i is in model
     k's subset iff its whole client is: the client-level analogue of :func:`subset_masks`.
+    Any grouping of rows works as "clients" (e.g. all copies of a canary as one unit); with
+    one row per group the draws equal :func:`subset_masks`'.
     """
     c = _share_count(share, num_clients, "clients")
     clients = _np(client_of_row).astype(np.int64)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmem.analysis.ensemble import train_ensemble
-from fedmem.analysis.memorization import client_subset_masks, memorization_report, subset_masks
+from fedmem.analysis.memorization import client_subset_masks, memorization_report
 from fedmem.analysis.trajectories import table_groups
 from fedmem.central import resolve_device
 from fedmem.config import ExperimentConfig
@@ -29,12 +29,27 @@ from fedmem.rundir import json_safe
 from fedmem.seeding import derive_seed, np_rng
 
 
+def example_units(table: ExampleTable) -> np.ndarray:
+    """(N,) the unit each row is included or left out with at the example level.
+
+    Every row is its own unit, except that all copies of one canary form a single unit: the
+    example whose memorization we measure is the canary, and a model holding any copy has
+    seen it (with copies drawn independently, most "held-out" models would hold another copy
+    and the score would be near 0). Units are numbered 0..U-1; without canaries unit = row.
+    """
+    n = len(table)
+    cid = table.canary_id.numpy()
+    raw = np.where(cid >= 0, n + cid, np.arange(n))
+    return np.unique(raw, return_inverse=True)[1].astype(np.int64)
+
+
 def _masks(cfg: ExperimentConfig, table: ExampleTable, level: str) -> torch.Tensor:
     ms = cfg.analysis.memorization_scores
     rng = np_rng(cfg.seed, "memscores", level)
     if level == "client":
         return client_subset_masks(table.client, table.num_clients, ms.models, ms.subset, rng)
-    return subset_masks(len(table), ms.models, ms.subset, rng)
+    units = example_units(table)
+    return client_subset_masks(units, int(units.max()) + 1, ms.models, ms.subset, rng)
 
 
 def memorization_scores_stage(
