@@ -97,12 +97,29 @@ def test_audit_outputs_and_numbers(audited):
     assert "## Privacy audit" in report and "audit_roc_central.png" in report
 
 
-def test_audit_is_cached_and_attack_settings_recompute(audited, capsys):
+def test_audit_is_cached_and_deterministic(audited, capsys):
     run_dir, result = audited
     assert audit_main([str(run_dir)]) == 0
     assert "cached" in capsys.readouterr().out
     again = json.loads((run_dir / "audit.json").read_text())
     assert again == result
+    # recomputed: the same numbers (shadows, scores and bounds are seeded); timings aside
+    assert audit_main([str(run_dir), "--force"]) == 0
+    redone = json.loads((run_dir / "audit.json").read_text())
+
+    def untimed(r: dict) -> dict:
+        r = json.loads(json.dumps(r))
+        r.pop("wall_s")
+        for sh in r["shadows"].values():
+            sh.pop("train_s")
+        return r
+
+    assert untimed(redone) == untimed(result)
+    # other attack settings: not the cached result, and the run itself is reused
+    assert audit_main([str(run_dir), "audit.attack.shadows=4"]) == 0
+    four = json.loads((run_dir / "audit.json").read_text())
+    assert {sh["models"] for sh in four["shadows"].values()} == {4}
+    assert four["attack_settings"]["shadows"] == 4
 
 
 def test_dp_violation_is_reported(audited, tmp_path, capsys):
