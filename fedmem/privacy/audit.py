@@ -542,7 +542,10 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
             from fedmem import plots
 
             path = plots.roc_curves(
-                {ATTACK_TITLES[a]: c for a, c in curves.items()},
+                {
+                    f"{ATTACK_TITLES[a]}, AUC {res['membership']['attacks'][a]['auc']:.3f}": c
+                    for a, c in curves.items()
+                },
                 run.rd.path / "plots" / f"audit_roc_{name}.png",
                 f"membership inference on the {name} model",
             )
