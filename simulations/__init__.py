@@ -25,7 +25,7 @@ from fedmem.errors import ConfigError
 from fedmem.report import cell, md_table
 from fedmem.rundir import atomic_write_text
 
-RECIPES = ("central_vs_federated", "dp_memorization")
+RECIPES = ("central_vs_federated", "dp_memorization", "privacy_audit")
 
 Row = dict[str, Any]
 

@@ -1,0 +1,81 @@
+"""``--recipe``: every named recipe runs its grid on a tiny config and writes its table."""
+
+from __future__ import annotations
+
+import csv
+
+from fedmem.simulate import main
+from tests.conftest import REPO, small_overrides
+
+LOCAL = ["federation.backend=local", "analysis.gradients.enabled=false"]
+
+
+def _table(tmp_path, name):
+    (out,) = (tmp_path / "runs" / "recipes").glob(f"{name}-*")
+    with open(out / "table.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_unknown_recipe_is_an_input_error(tmp_path, capsys):
+    assert main([*small_overrides(tmp_path), "--recipe", "nope"]) == 2
+    assert "--recipe: unknown 'nope'; allowed: central_vs_federated" in capsys.readouterr().err
+
+
+def test_privacy_audit_needs_audit_records_before_training(tmp_path, capsys):
+    assert main([*small_overrides(tmp_path), "--recipe", "privacy_audit"]) == 2
+    assert capsys.readouterr().err.startswith("error: audit.pool:")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_privacy_audit_recipe(tmp_path, monkeypatch):
+    import simulations.privacy_audit as recipe
+
+    monkeypatch.setattr(recipe, "NOISE_MULTIPLIERS", (0.0, 2.0))
+    args = [
+        *small_overrides(tmp_path),
+        *LOCAL,
+        "federation.enabled=false",
+        "audit.pool=200",
+        "audit.canaries=60",
+        "audit.attack.shadows=4",
+        "--recipe",
+        "privacy_audit",
+    ]
+    assert main(args) == 0
+    rows = _table(tmp_path, "privacy_audit")
+    assert [(r["noise_multiplier"], r["run"]) for r in rows] == [
+        ("0.0", "central"),
+        ("2.0", "central"),
+    ]
+    assert rows[0]["eps accountant"] == "inf"
+    eps = float(rows[1]["eps accountant"])
+    assert 0 < eps < 50 and float(rows[1]["eps >= (one run)"]) <= eps
+
+
+def test_dp_memorization_recipe(tmp_path, monkeypatch):
+    import simulations.dp_memorization as recipe
+
+    monkeypatch.setattr(recipe, "NOISE_MULTIPLIERS", (0.0, 1.0))
+    args = [
+        "--config",
+        str(REPO / "configs" / "dp.yaml"),
+        *small_overrides(tmp_path),
+        *LOCAL,
+        "--recipe",
+        "dp_memorization",
+    ]
+    assert main(args) == 0
+    rows = _table(tmp_path, "dp_memorization")
+    assert [r["setting"] for r in rows] == [
+        "central",
+        "federated record-level",
+        "federated user-level",
+    ] * 2
+    assert {r["epsilon"] for r in rows[:3]} == {"inf"}
+    assert all(float(r["epsilon"]) > 0 for r in rows[3:])
+
+
+def test_central_vs_federated_recipe(tmp_path):
+    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "central_vs_federated"]) == 0
+    rows = _table(tmp_path, "central_vs_federated")
+    assert len(rows) == 9 and {r["setting"] for r in rows} >= {"central"}
