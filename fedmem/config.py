@@ -312,6 +312,9 @@ class AuditAttackConfig(_Section):
     fixed_variance: Literal["auto", "yes", "no"] = Field(
         "auto", description="LiRA with one pooled variance (auto: when shadows < 64, Carlini 2022)"
     )
+    client_shadows: int = Field(
+        16, ge=0, description="shadows with whole clients in or out (client-level LiRA; 0: off)"
+    )
     epsilon_attack: Literal["loss", "lira_online", "lira_offline", "rmia"] = Field(
         "lira_online", description="attack whose scores give the one-run epsilon lower bound"
     )
@@ -321,11 +324,12 @@ class AuditAttackConfig(_Section):
 
     @model_validator(mode="after")
     def _even(self) -> AuditAttackConfig:
-        if self.shadows % 2:
-            raise _KeyedError(
-                "audit.attack.shadows",
-                f"{self.shadows}; must be even (every candidate is in exactly half the shadows)",
-            )
+        for key, k in (("shadows", self.shadows), ("client_shadows", self.client_shadows)):
+            if k % 2:
+                raise _KeyedError(
+                    f"audit.attack.{key}",
+                    f"{k}; must be even (every candidate is in exactly half the shadows)",
+                )
         return self
 
 

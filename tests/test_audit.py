@@ -30,6 +30,7 @@ AUDIT = [
     "audit.canaries=100",
     "audit.heldout_clients=2",
     "audit.attack.shadows=8",
+    "audit.attack.client_shadows=4",
     "data.mnist1d.num_samples=1500",
     "data.noise.rate=0.1",
     "data.canaries.repeats=[1, 4]",
@@ -74,8 +75,11 @@ def test_audit_outputs_and_numbers(audited):
         for a in ("loss", "lira_online", "lira_offline", "rmia"):
             s = mem["attacks"][a]
             assert 0.0 <= s["auc"] <= 1.0 and 0.0 <= s["tpr_at_1pct_fpr"] <= 1.0, (name, a)
-        assert res["client_membership"]["clients"] == 4
-        assert res["client_membership"]["heldout_clients"] == 2
+        cm = res["client_membership"]
+        assert cm["clients"] == 4 and cm["heldout_clients"] == 2 and cm["shadows"] == 4
+        assert set(cm["auc_by_attack"]) == {"loss", "lira_online", "lira_offline"}
+        assert set(cm["score_per_client"]["lira_online"]) == {str(k) for k in range(6)}
+        assert result["client_shadows"][name]["clients"] == 6
         one = res["one_run_epsilon"]
         assert one["canaries"] == 100 and one["claims"][0]["accountant"] == "none"
         assert one["claims"][0]["violated"] is False
@@ -110,7 +114,7 @@ def test_audit_is_cached_and_deterministic(audited, capsys):
     def untimed(r: dict) -> dict:
         r = json.loads(json.dumps(r))
         r.pop("wall_s")
-        for sh in r["shadows"].values():
+        for sh in [*r["shadows"].values(), *r["client_shadows"].values()]:
             sh.pop("train_s")
         return r
 

@@ -207,6 +207,17 @@ def shadow_data(table: ExampleTable) -> ShadowData:
     )
 
 
+def client_shadow_data(table: ExampleTable) -> ShadowData:
+    """Rows of every client, training and held-out: the table's rows, then the held-out
+    clients' (``candidate_row`` is empty: inclusion is per client)."""
+    return ShadowData(
+        x=torch.cat([table.x, table.heldout_x]),
+        y=torch.cat([table.y_obs, table.heldout_y]),
+        client=torch.cat([table.client, table.heldout_client]),
+        candidate_row=torch.empty(0, dtype=torch.int64),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # pure pieces
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +326,7 @@ def audit_model(
     shadows: ShadowModels | None,
     candidate_masks: torch.Tensor | None,
     missing: dict[str, str],
+    client_shadows: tuple[ShadowModels, ShadowData, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Every audit part for one target model: its audit.json entry and its ROC curves."""
     cfg, table = run.cfg, run.table
@@ -378,7 +390,7 @@ def audit_model(
             res["one_run_epsilon"] = one_run_epsilon(run, name, scores, member, can)
 
     if "client_membership" not in missing:
-        res["client_membership"] = client_membership(run, model)
+        res["client_membership"] = client_membership(run, model, client_shadows)
     return res, curves
 
 
@@ -417,23 +429,58 @@ def one_run_epsilon(
     }
 
 
-def client_membership(run: AuditedRun, model: nn.Module) -> dict[str, Any]:
-    """Client-level inference: mean loss score of each training vs held-out client."""
+def client_membership(
+    run: AuditedRun,
+    model: nn.Module,
+    shadows: tuple[ShadowModels, ShadowData, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Client-level inference: did client k's data train the model?
+
+    Per-example scores over every client's ordinary examples (canary copies left out: only
+    training clients hold them), averaged per client; AUC of training (member) vs held-out
+    (non-member) clients. ``loss``: the loss-threshold score (Yeom et al. 2018) aggregated.
+    With client-level shadows (:func:`train_client_shadows`), also LiRA online / offline
+    (Carlini et al. 2022) per example with "in" meaning *the example's client* was in the
+    shadow's training, then averaged per client (the mean log-likelihood ratio; assumes the
+    examples independent, as aggregating per-example tests does).
+    """
     table, bs = run.table, run.cfg.train.eval_batch_size
-    source = (table.canary_id < 0) & ~table.is_audit_canary
-    train_scores = attacks.loss_scores(predict(model, table.x[source], bs), table.y_obs[source])
-    held_scores = attacks.loss_scores(predict(model, table.heldout_x, bs), table.heldout_y)
-    ids, means = client_scores(
-        np.concatenate([train_scores, held_scores]),
-        np.concatenate([table.client[source].numpy(), table.heldout_client.numpy()]),
+    data = client_shadow_data(table)
+    ordinary = torch.cat(
+        [
+            (table.canary_id < 0) & ~table.is_audit_canary,
+            torch.ones(len(table.heldout_y), dtype=torch.bool),
+        ]
     )
-    member = ids < table.num_clients
+    x, y, client = data.x[ordinary], data.y[ordinary], data.client[ordinary].numpy()
+    logits = predict(model, x, bs)
+    scores = {"loss": attacks.loss_scores(logits, y)}
+    if shadows is not None:
+        sh, _, clients = shadows
+        fixed = run.cfg.audit.attack.fixed_variance
+        fixed_variance = len(sh) < 64 if fixed == "auto" else fixed == "yes"
+        phi = attacks.logit_confidence(logits, y)
+        sh_phi = attacks.logit_confidence(sh.logits(x, bs), y)
+        inside = clients[:, torch.from_numpy(client)]
+        for online in (True, False):
+            scores["lira_online" if online else "lira_offline"] = attacks.lira_scores(
+                phi, sh_phi, inside, online=online, fixed_variance=fixed_variance
+            )
+    out: dict[str, Any] = {"attacks": {}, "score_per_client": {}}
+    for a, s in scores.items():
+        ids, means = client_scores(s, client)
+        member = ids < table.num_clients
+        out["attacks"][a] = roc_auc(means, member)
+        out["score_per_client"][a] = {
+            str(int(k)): float(v) for k, v in zip(ids, means, strict=True)
+        }
     return {
-        "attack": "mean loss score over the client's examples (Yeom 2018, aggregated)",
         "clients": int(member.sum()),
         "heldout_clients": int((~member).sum()),
-        "auc": roc_auc(means, member),
-        "score_per_client": {str(int(k)): float(v) for k, v in zip(ids, means, strict=True)},
+        "auc": out["attacks"]["loss"],
+        "auc_by_attack": out["attacks"],
+        "shadows": 0 if shadows is None else len(shadows[0]),
+        "score_per_client": out["score_per_client"],
     }
 
 
@@ -457,20 +504,21 @@ def cached_audit(run: AuditedRun) -> dict[str, Any] | None:
     return old if same and old.get("attack_settings") == _attack_settings(run.cfg) else None
 
 
-def train_shadows(
-    run: AuditedRun, recipe: str, console: Console
-) -> tuple[ShadowModels, torch.Tensor]:
-    """K shadows with ``recipe``'s training and their candidate masks (K, M)."""
-    cfg, table = run.cfg, run.table
-    k = cfg.audit.attack.shadows
-    seed = derive_seed(cfg.seed, "audit", "shadows", recipe)
-    cand = shadow_masks(len(table.audit_y), k, seed)
-    data = shadow_data(table)
+def _train(
+    cfg: ExperimentConfig,
+    recipe: str,
+    data: ShadowData,
+    masks: torch.Tensor,
+    seed: int,
+    num_classes: int,
+    label: str,
+    console: Console,
+) -> ShadowModels:
+    """Shadows with ``recipe``'s training on the rows ``masks`` (K, rows) of ``data``."""
     device = resolve_device(cfg.train.device)
     x, y = data.x.to(device), data.y.to(device)
-    masks = data.row_masks(cand)
     with Progress(
-        TextColumn(f"[bold]shadows ({recipe})"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -482,21 +530,63 @@ def train_shadows(
             progress.update(task, completed=done, total=total)
 
         if recipe == "central":
-            sh = train_central_shadows(
-                cfg, x, y, masks, seed=seed, progress=tick, num_classes=table.num_classes
+            return train_central_shadows(
+                cfg, x, y, masks, seed=seed, progress=tick, num_classes=num_classes
             )
-        else:
-            sh = train_fedavg_shadows(
-                cfg,
-                x,
-                y,
-                data.client,
-                masks,
-                seed=seed,
-                progress=tick,
-                num_classes=table.num_classes,
-            )
+        return train_fedavg_shadows(
+            cfg, x, y, data.client, masks, seed=seed, progress=tick, num_classes=num_classes
+        )
+
+
+def train_shadows(
+    run: AuditedRun, recipe: str, console: Console
+) -> tuple[ShadowModels, torch.Tensor]:
+    """Record-level shadows: ``audit.attack.shadows`` models with ``recipe``'s training, each
+    on every non-candidate row plus half the candidates; and their candidate masks (K, M)."""
+    cfg, table = run.cfg, run.table
+    seed = derive_seed(cfg.seed, "audit", "shadows", recipe)
+    cand = shadow_masks(len(table.audit_y), cfg.audit.attack.shadows, seed)
+    data = shadow_data(table)
+    sh = _train(
+        cfg,
+        recipe,
+        data,
+        data.row_masks(cand),
+        seed,
+        table.num_classes,
+        f"shadows ({recipe})",
+        console,
+    )
     return sh, cand
+
+
+def train_client_shadows(
+    run: AuditedRun, recipe: str, console: Console
+) -> tuple[ShadowModels, ShadowData, torch.Tensor]:
+    """Client-level shadows: ``audit.attack.client_shadows`` models, each on all rows of a
+    random half of the clients (training and held-out clients alike, each client in exactly
+    half the shadows), with ``recipe``'s training (FedAvg over ``num_clients + heldout``
+    clients, of which a shadow's excluded ones hold no rows).
+
+    Returns the shadows, their rows and the client masks (K, num_clients + heldout).
+    """
+    cfg, table = run.cfg, run.table
+    n_all = table.num_clients + table.num_heldout_clients
+    seed = derive_seed(cfg.seed, "audit", "client-shadows", recipe)
+    clients = shadow_masks(n_all, cfg.audit.attack.client_shadows, seed)
+    data = client_shadow_data(table)
+    fed = cfg.federation.model_copy(update={"num_clients": n_all})
+    sh = _train(
+        cfg.model_copy(update={"federation": fed}),
+        recipe,
+        data,
+        clients[:, data.client],
+        seed,
+        table.num_classes,
+        f"client shadows ({recipe})",
+        console,
+    )
+    return sh, data, clients
 
 
 def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[str, Any]:
@@ -521,14 +611,15 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
         "attack_settings": _attack_settings(cfg),
         "skipped": missing,
         "shadows": {},
+        "client_shadows": {},
         "runs": {},
     }
     plots_made: dict[str, str] = {}
     for name in run.runs:
         model = load_model(run, name, device)
         shadows = cand = None
+        recipe = "central" if name == "central" else "fedavg"
         if needs_shadows:
-            recipe = "central" if name == "central" else "fedavg"
             shadows, cand = train_shadows(run, recipe, console)
             result["shadows"][name] = {
                 "recipe": recipe,
@@ -536,7 +627,16 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
                 "train_s": round(shadows.train_s, 2),
                 "not_simulated": recipe_deviations(cfg, recipe),
             }
-        res, curves = audit_model(run, name, model, shadows, cand, missing)
+        client_sh = None
+        if "client_membership" not in missing and cfg.audit.attack.client_shadows > 0:
+            client_sh = train_client_shadows(run, recipe, console)
+            result["client_shadows"][name] = {
+                "recipe": recipe,
+                "models": len(client_sh[0]),
+                "clients": int(client_sh[2].shape[1]),
+                "train_s": round(client_sh[0].train_s, 2),
+            }
+        res, curves = audit_model(run, name, model, shadows, cand, missing, client_sh)
         result["runs"][name] = res
         if curves:
             from fedmem import plots

@@ -35,8 +35,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         for a, s in ((res.get("membership") or {}).get("attacks") or {}).items():
             h[f"{a}_auc"] = s["auc"]
             h[f"{a}_tpr_at_1pct_fpr"] = s["tpr_at_1pct_fpr"]
-        if "client_membership" in res:
-            h["client_auc"] = res["client_membership"]["auc"]
+        for a, auc in ((res.get("client_membership") or {}).get("auc_by_attack") or {}).items():
+            h["client_auc" if a == "loss" else f"client_{a}_auc"] = auc
         if "one_run_epsilon" in res:
             h["epsilon_lower_bound"] = res["one_run_epsilon"]["lower_bound"]
             h["accountant_epsilon"] = res["one_run_epsilon"]["accountant_epsilon"]
@@ -51,7 +51,8 @@ AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("lira_online_tpr_at_1pct_fpr", "LiRA TPR@1%"),
     ("lira_offline_auc", "LiRA off AUC"),
     ("rmia_auc", "RMIA AUC"),
-    ("client_auc", "client AUC"),
+    ("client_auc", "client loss AUC"),
+    ("client_lira_online_auc", "client LiRA AUC"),
     ("epsilon_lower_bound", "eps >= (1 run)"),
     ("accountant_epsilon", "eps accountant"),
 )
