@@ -259,6 +259,11 @@ def _audit_md(run_dir: Path) -> list[str]:
     for name, sh in (result.get("shadows") or {}).items():
         note = "; ".join(sh.get("not_simulated") or []) or "same recipe as the target"
         out.append(f"- {name}: {sh['models']} {sh['recipe']} shadow models ({note}).")
+    for name, sh in (result.get("client_shadows") or {}).items():
+        out.append(
+            f"- {name}: {sh['models']} {sh['recipe']} client-level shadow models, each holding "
+            f"a random half of the {sh['clients']} training and held-out clients."
+        )
     for part, keys in (result.get("skipped") or {}).items():
         out.append(f"- skipped {part}: set {keys}.")
     out.append("")
