@@ -102,15 +102,21 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 class SeededServerSideDP(flwr_strategy.DifferentialPrivacyServerSideFixedClipping):
-    """Flower's DP-FedAvg wrapper (server-side fixed clipping) with reproducible noise.
+    """Flower's DP-FedAvg wrapper (server-side fixed clipping) with reproducible noise and
+    client failures handled.
 
     Flower draws the Gaussian noise from numpy's global RNG; this seeds it from
     ``(seed, "user-dp", round)`` just before aggregating, so the same config gives the same
-    noise. Accounting is fedmem's (Opacus RDP at q = clients per round / clients).
+    noise. Accounting is fedmem's (Opacus RDP at q = clients per round / clients, over the
+    rounds actually released).
 
-    Known limitation (Flower's wrapper): the noise std is z * C / (planned clients per round);
-    when clients fail, the average is over fewer clients, so such rounds are slightly
-    under-noised relative to their sensitivity C / (successful clients).
+    Failures: Flower's wrapper skips a round's aggregation when any reply is an error, and
+    scales the noise by the *planned* number of clients. Here the error replies are recorded
+    in the round's report and dropped first; the others are clipped, averaged and noised with
+    std ``z * C / n_ok`` (the sensitivity of the average over the ``n_ok`` clients that
+    replied), so every released round has noise multiplier z exactly. A client's failure does
+    not depend on the data, so q stays an upper bound on its inclusion probability. A round
+    with fewer than ``federation.min_train_clients`` replies is lost: nothing is released.
     """
 
     def __init__(self, *args: Any, seed: int, **kwargs: Any):
@@ -118,8 +124,14 @@ class SeededServerSideDP(flwr_strategy.DifferentialPrivacyServerSideFixedClippin
         self.fm_seed = seed
 
     def aggregate_train(self, server_round: int, replies: Any) -> Any:
-        np.random.seed(derive_seed(self.fm_seed, "user-dp", server_round) % 2**32)
-        return super().aggregate_train(server_round, replies)
+        ok = self.strategy.record_failures(server_round, replies)
+        planned = self.num_sampled_clients
+        self.num_sampled_clients = max(len(ok), 1)  # Flower's noise std divides by this
+        try:
+            np.random.seed(derive_seed(self.fm_seed, "user-dp", server_round) % 2**32)
+            return super().aggregate_train(server_round, ok)
+        finally:
+            self.num_sampled_clients = planned
 
 
 def clients_per_round(cfg: ExperimentConfig) -> int:

@@ -104,17 +104,26 @@ class PartitionSampled:
         view = _NodeSubset(grid, [self.fm_node_of[p] for p in chosen])
         return super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]
 
+    def record_failures(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Note the error replies in the round's report; return the others."""
+        report = self.fm_reports[server_round]
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                pid = self.fm_partition_of[msg.metadata.src_node_id]
+                report.failed[pid] = msg.error.reason or f"error code {msg.error.code}"
+            else:
+                ok.append(msg)
+        return ok
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self.fm_reports[server_round]
-        ok: list[tuple[int, Message]] = []
-        for msg in replies:
-            pid = self.fm_partition_of[msg.metadata.src_node_id]
-            if msg.has_error():
-                report.failed[pid] = msg.error.reason or f"error code {msg.error.code}"
-            else:
-                ok.append((pid, msg))
+        ok = [
+            (self.fm_partition_of[msg.metadata.src_node_id], msg)
+            for msg in self.record_failures(server_round, replies)
+        ]
         for pid in set(report.sampled) - {p for p, _ in ok} - set(report.failed):
             report.failed[pid] = "no reply"
         ok.sort(key=lambda item: item[0])

@@ -97,6 +97,48 @@ def test_user_level_epsilon_is_opacus_rdp_over_rounds(tmp_path):
     assert all(r["epsilon"] == "inf" for r in rows)
 
 
+def test_user_level_dp_with_client_failures(tmp_path, monkeypatch):
+    """Failed clients are dropped, the others aggregated with noise for their own count
+    (std z * C / n_ok), and only released rounds are accounted."""
+    import flwr.serverapp.strategy.dp_fixed_clipping as flower_dp
+
+    calls: list[tuple[float, float, int]] = []
+    real = flower_dp.compute_stdv
+
+    def spy(noise_multiplier, clipping_norm, num_sampled_clients):
+        calls.append((noise_multiplier, clipping_norm, num_sampled_clients))
+        return real(noise_multiplier, clipping_norm, num_sampled_clients)
+
+    monkeypatch.setattr(flower_dp, "compute_stdv", spy)
+    rows, clients, summary = _run(
+        tmp_path,
+        "train.rounds=6",
+        "privacy.user_level=true",
+        "privacy.user_noise_multiplier=1.5",
+        "privacy.user_clip_norm=5.0",
+        "federation.client_failure_rate=0.3",
+        "federation.min_train_clients=2",
+    )
+    fed = [r for r in rows if r["run"] == "federated"][1:]
+    released = [r for r in fed if not r["round_lost"]]
+    assert any(r["clients_failed"] > 0 for r in released), "the seed gives partial rounds"
+    assert [c[2] for c in calls] == [r["clients_ok"] for r in released]
+    assert all(c[:2] == (1.5, 5.0) for c in calls)
+    assert all(r["clients_ok"] >= 2 for r in released)
+    assert all(r["clients_ok"] < 2 for r in fed if r["round_lost"])
+    failed_rows = [c for c in clients if c.get("failed")]
+    assert len(failed_rows) == sum(r["clients_failed"] for r in fed)
+    assert all("injected" in c["reason"] for c in failed_rows)
+    for i, r in enumerate(fed):
+        n_released = sum(1 for x in fed[: i + 1] if not x["round_lost"])
+        expected = _fresh_epsilon([(1.5, 1.0, n_released)], 1 / 40) if n_released else 0.0
+        assert r["user_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert summary["privacy"]["user_level"]["rounds_released"] == len(released)
+    # a round with failures still moves the model
+    losses = [r["test_loss"] for r in fed]
+    assert len(set(losses)) == len(losses)
+
+
 def test_no_dp_reports_infinite_epsilon(tmp_path):
     rows, _, summary = _run(tmp_path, "train.rounds=1")
     assert {r["epsilon"] for r in rows} == {"inf"}
