@@ -145,3 +145,24 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, tit
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def exposure_bars(
+    by_run: dict[str, dict[str, float | None]], max_possible: float, path: Path
+) -> Path:
+    """Mean canary exposure (Carlini et al. 2019) per canary group, one bar per run (e.g.
+    central vs federated: Thakkar et al. 2020 compare them), with the largest exposure the
+    reference set allows as a dotted line."""
+    groups = list(dict.fromkeys(g for means in by_run.values() for g in means))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 2), 4))
+    width = 0.8 / max(len(by_run), 1)
+    xs = np.arange(len(groups))
+    for i, (run, means) in enumerate(by_run.items()):
+        vals = [np.nan if means.get(g) is None else means[g] for g in groups]
+        ax.bar(xs + i * width - 0.4 + width / 2, vals, width, label=run)
+    ax.axhline(max_possible, ls=":", color="gray", label="log2(|R| + 1)")
+    ax.set_xticks(xs, groups, fontsize=8)
+    ax.set_ylabel("mean exposure (bits)")
+    ax.legend(fontsize=8)
+    ax.set_title("canary exposure by insertion count and holders")
+    return _save(fig, path)

@@ -268,7 +268,8 @@ def _audit_md(run_dir: Path) -> list[str]:
         out.append(f"- skipped {part}: set {keys}.")
     out.append("")
     for name, plot in (result.get("plots") or {}).items():
-        out += [f"![membership inference ROC, {name}]({plot})", ""]
+        what = "canary exposure" if name == "exposure" else f"membership inference ROC, {name}"
+        out += [f"![{what}]({plot})", ""]
     return out
 
 

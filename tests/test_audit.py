@@ -90,7 +90,7 @@ def test_audit_outputs_and_numbers(audited):
     assert central["one_run_epsilon"]["lower_bound"] > 0.2
     assert central["exposure"]["by_group"]["copies=4"]["mean"] > 2.0
     # outputs: plots, summary headline, report section
-    for name in ("central", "federated"):
+    for name in ("central", "federated", "exposure"):
         assert (run_dir / result["plots"][name]).is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (

@@ -650,6 +650,16 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
                 f"membership inference on the {name} model",
             )
             plots_made[name] = str(path.relative_to(run.rd.path))
+    exposures = {n: r["exposure"] for n, r in result["runs"].items() if "exposure" in r}
+    if exposures:
+        from fedmem import plots
+
+        path = plots.exposure_bars(
+            {n: {g: v["mean"] for g, v in e["by_group"].items()} for n, e in exposures.items()},
+            next(iter(exposures.values()))["max_possible"],
+            run.rd.path / "plots" / "audit_exposure.png",
+        )
+        plots_made["exposure"] = str(path.relative_to(run.rd.path))
     result["plots"] = plots_made
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     result = json_safe(result)
