@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
     console.print(runs_table(summary["runs"], title=f"{cfg.output.name}  ({rd.path})"))
+    if (cfg.audit.pool or cfg.audit.canaries) and "audit" not in summary:
+        console.print(f"privacy audit of this run: python -m fedmem.audit {rd.path}")
     return 0
 
 
