@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmem.analysis.ensemble import train_ensemble
 from fedmem.analysis.memorization import client_subset_masks, memorization_report
@@ -25,6 +24,7 @@ from fedmem.analysis.trajectories import table_groups
 from fedmem.central import resolve_device
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
+from fedmem.progress import counting_bar
 from fedmem.rundir import json_safe
 from fedmem.seeding import derive_seed, np_rng
 
@@ -69,13 +69,7 @@ def memorization_scores_stage(
     for level in levels:
         masks = _masks(cfg, table, level)
         t0 = time.perf_counter()
-        with Progress(
-            TextColumn(f"[bold]ensemble ({level})"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with counting_bar(console, f"ensemble ({level})") as progress:
             task = progress.add_task("", total=ms.models * epochs)
             ensemble = train_ensemble(
                 cfg.model,

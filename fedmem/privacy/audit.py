@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from fedmem import config as config_mod
@@ -57,6 +56,7 @@ from fedmem.privacy.shadows import (
     train_central_shadows,
     train_fedavg_shadows,
 )
+from fedmem.progress import counting_bar
 from fedmem.rundir import COMPLETE, RunDir, json_safe
 from fedmem.seeding import derive_seed
 
@@ -308,6 +308,13 @@ def claimed_privacy(cfg: ExperimentConfig, summary: dict, run: str, n: int) -> l
     return out or [{"accountant": "none", "epsilon": "inf", "delta": _delta(cfg, n)}]
 
 
+def use_fixed_variance(cfg: ExperimentConfig, shadows: int) -> bool:
+    """LiRA with one pooled variance: ``audit.attack.fixed_variance``, where ``auto`` means
+    fewer than 64 shadows (Carlini et al. 2022 use it when shadow models are few)."""
+    fixed = cfg.audit.attack.fixed_variance
+    return shadows < 64 if fixed == "auto" else fixed == "yes"
+
+
 def _delta(cfg: ExperimentConfig, n: int) -> float:
     return cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(n)
 
@@ -354,8 +361,7 @@ def audit_model(
         pop_logits = predict(model, table.x_test, bs)
         sh_cand = shadows.logits(table.audit_x, bs)
         sh_pop = shadows.logits(table.x_test, bs)
-        fixed = cfg.audit.attack.fixed_variance
-        fixed_variance = len(shadows) < 64 if fixed == "auto" else fixed == "yes"
+        fixed_variance = use_fixed_variance(cfg, len(shadows))
         scores = mia_scores(
             cand_logits,
             sh_cand,
@@ -457,8 +463,7 @@ def client_membership(
     scores = {"loss": attacks.loss_scores(logits, y)}
     if shadows is not None:
         sh, _, clients = shadows
-        fixed = run.cfg.audit.attack.fixed_variance
-        fixed_variance = len(sh) < 64 if fixed == "auto" else fixed == "yes"
+        fixed_variance = use_fixed_variance(run.cfg, len(sh))
         phi = attacks.logit_confidence(logits, y)
         sh_phi = attacks.logit_confidence(sh.logits(x, bs), y)
         inside = clients[:, torch.from_numpy(client)]
@@ -517,13 +522,7 @@ def _train(
     """Shadows with ``recipe``'s training on the rows ``masks`` (K, rows) of ``data``."""
     device = resolve_device(cfg.train.device)
     x, y = data.x.to(device), data.y.to(device)
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with counting_bar(console, label) as progress:
         task = progress.add_task("", total=None)
 
         def tick(done: int, total: int) -> None:
