@@ -26,9 +26,10 @@ import torch
 from rich.console import Console
 
 from fedmem import config
-from fedmem.privacy.audit import open_run, run_audit
-from fedmem.privacy.audit_report import audit_table, headline
-from fedmem.simulate import run_or_load
+from fedmem.privacy.audit.engine import run_audit
+from fedmem.privacy.audit.records import open_run
+from fedmem.privacy.audit.report import audit_table, headline
+from fedmem.runs.experiment import run_or_load
 
 LIMIT_S = 300.0
 REPO = Path(__file__).resolve().parents[1]

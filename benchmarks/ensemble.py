@@ -1,4 +1,4 @@
-"""Batched ensemble training (fedmem.analysis.ensemble) vs the same models one after another.
+"""Batched ensemble training (fedmem.ensemble) vs the same models one after another.
 
     python benchmarks/ensemble.py [--ks 16 64 256] [--epochs 2] [--seq-models 8] [--repeats 3]
                                   [--threads 1 2] [--target] [--target-repeats 2] [--merge]
@@ -48,13 +48,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmem import config
-from fedmem.analysis.ensemble import (
+from fedmem.analysis.memorization import subset_masks
+from fedmem.data.table import cached_table
+from fedmem.ensemble import (
     ensemble_order,
     member_init_state,
     train_ensemble,
 )
-from fedmem.analysis.memorization import subset_masks
-from fedmem.data.table import cached_table
 from fedmem.models import build_model
 from fedmem.seeding import np_rng
 from fedmem.train import train_epochs

@@ -93,12 +93,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedmem import config  # noqa: E402
-from fedmem.central import init_model  # noqa: E402
 from fedmem.config import ExperimentConfig, FederationConfig  # noqa: E402
 from fedmem.data.table import ExampleTable, cached_table  # noqa: E402
 from fedmem.federation.engine import run_federated  # noqa: E402
 from fedmem.federation.server_app import FederatedJob  # noqa: E402
-from fedmem.models import build_model  # noqa: E402
+from fedmem.models import (
+    build_model,  # noqa: E402
+    init_model,  # noqa: E402
+)
 from fedmem.observer import Observer  # noqa: E402
 from fedmem.train import keyed_order, train_epochs  # noqa: E402
 

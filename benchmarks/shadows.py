@@ -1,4 +1,4 @@
-"""Time K shadow models of both recipes (fedmem.privacy.shadows) on the default experiment.
+"""Time K shadow models of both recipes (fedmem.privacy.audit.shadows) on the default experiment.
 
     python benchmarks/shadows.py [--shadows 32] [--repeats 1] [--threads 2] [--chunks 16 1000]
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-import fedmem.privacy.shadows as shadows_mod
+import fedmem.privacy.audit.shadows as shadows_mod
 from fedmem import config
 from fedmem.data.table import cached_table
-from fedmem.privacy.shadows import shadow_masks, train_central_shadows, train_fedavg_shadows
+from fedmem.privacy.audit.shadows import shadow_masks, train_central_shadows, train_fedavg_shadows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "shadows.json"

@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     console, err = Console(), Console(stderr=True)
-    from fedmem.privacy.audit import open_run, run_audit
-    from fedmem.privacy.audit_report import audit_table, violations
+    from fedmem.privacy.audit.engine import run_audit
+    from fedmem.privacy.audit.records import open_run
+    from fedmem.privacy.audit.report import audit_table, violations
 
     try:
         run = open_run(args.run_dir, args.overrides)

@@ -3,33 +3,24 @@
     python -m fedmem.simulate [--config FILE] [--out DIR] [--force] [key=value ...]
 
 Loads and validates the config (bad input: one line, exit code 2, nothing written), builds the
-ExampleTable, runs the experiment into ``<out>/<name>-<hash8>/`` and prints the final table.
-A complete run directory is reused unless ``--force``.
+ExampleTable, runs the experiment into ``<out>/<name>-<hash8>/`` (:mod:`fedmem.runs.experiment`)
+and prints the final table. A complete run directory is reused unless ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import fedmem
 from fedmem import config as config_mod
-from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, trajectory_summary
-from fedmem.analysis.tracking import save_trajectories
-from fedmem.central import init_model, run_central
 from fedmem.config import ExperimentConfig
-from fedmem.data.table import ExampleTable, cached_table
-from fedmem.errors import ConfigError, InputError
-from fedmem.observer import Observer
-from fedmem.report import render_report, runs_table, summarize_rows
-from fedmem.rundir import RunDir
+from fedmem.errors import InputError
+from fedmem.reporting.tables import runs_table
+from fedmem.runs.experiment import run_or_load
 
 DEFAULT_CONFIG = Path("configs") / "default.yaml"
 
@@ -79,219 +70,6 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.out is not None:
         overrides.append(f"output.dir={args.out}")
     return config_mod.load(path, overrides, default_name=Path(path).stem)
-
-
-def prepare(cfg: ExperimentConfig) -> ExampleTable:
-    """Everything that can fail on bad input, before any result is written."""
-    table = cached_table(cfg)
-    model = init_model(cfg, table)
-    if cfg.federation.enabled:
-        import strategies
-
-        strategies.validate(cfg)
-    if cfg.privacy.record_level:
-        from fedmem.privacy.dp import validate_record_level
-
-        sizes = [len(table)]
-        if cfg.federation.enabled:
-            sizes += [len(table.client_rows(k)) for k in range(table.num_clients)]
-        validate_record_level(cfg, sizes, model)
-    if cfg.privacy.user_level and not cfg.federation.enabled:
-        raise ConfigError("privacy.user_level: needs federation.enabled=true")
-    return table
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def _status(row: dict) -> str:
-    def f(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    return (
-        f"test {f(row['test_acc'])}  noisy mem {f(row['noisy_memorized'])}"
-        f"  noisy true {f(row['noisy_true_acc'])}"
-    )
-
-
-def run_experiment(
-    cfg: ExperimentConfig, table: ExampleTable, rd: RunDir, console: Console
-) -> dict:
-    """Run every part of the experiment into ``rd`` and return summary.json's content."""
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    rd.start(cfg)
-    t0 = time.perf_counter()
-    timing: dict[str, float] = {}
-    with _progress(console) as progress:
-
-        def tracker(name: str) -> Callable[[int, dict], None]:
-            task = progress.add_task(name, total=cfg.train.rounds, status="")
-
-            def on_round(r: int, row: dict) -> None:
-                progress.update(task, completed=r, status=_status(row))
-
-            return on_round
-
-        trajectories: dict[str, TrajectoryProbe] = {}
-        observers: dict[str, Observer] = {}
-
-        def observer(run: str) -> Observer:
-            probes: list = []
-            if cfg.analysis.track_examples:
-                trajectories[run] = TrajectoryProbe(table)
-                probes.append(trajectories[run])
-            if cfg.analysis.gradients.enabled:
-                probes.append(
-                    GradientProbe(table, cfg.analysis.gradients, cfg.seed, run, gradient_sink)
-                )
-            observers[run] = Observer(
-                table, run, rd.append_metrics, cfg.train.eval_batch_size, probes
-            )
-            return observers[run]
-
-        def gradient_sink(row: dict) -> None:
-            rd.append_jsonl("gradients.jsonl", row)
-
-        run_central(cfg, table, observer("central"), tracker("central"))
-        if cfg.federation.enabled:
-            from fedmem.federation.engine import run_federated
-            from fedmem.federation.server_app import FederatedJob
-
-            job = FederatedJob(
-                cfg,
-                table,
-                observer("federated"),
-                client_sink=lambda row: rd.append_jsonl("clients.jsonl", row),
-                gradient_sink=gradient_sink if cfg.analysis.gradients.enabled else None,
-                on_round=tracker("federated"),
-            )
-            progress.console.print("federated: starting Ray and the Flower simulation ...")
-            eng = run_federated(job)
-            timing = {
-                "ray_start_s": round(eng.ray_start_s, 3),
-                "federated_simulation_s": round(eng.simulation_s, 3),
-            }
-    for run, obs in observers.items():
-        rd.save_checkpoint(run, obs.last_state)
-    rows = rd.read_metrics()
-    runs = {
-        name: summarize_rows([r for r in rows if r["run"] == name])
-        for name in dict.fromkeys(r["run"] for r in rows)
-    }
-    analysis: dict = {}
-    if trajectories:
-        arrays = {run: probe.recorder.to_arrays() for run, probe in trajectories.items()}
-        save_trajectories(rd.path / "examples.npz", arrays)
-        analysis = {"memorization_share": cfg.analysis.memorization_share}
-        for run, arr in arrays.items():
-            analysis[run] = trajectory_summary(
-                arr,
-                [r for r in rows if r["run"] == run],
-                table,
-                cfg.analysis.memorization_share,
-                per_client=(run == "federated"),
-            )
-    summary = {
-        "name": cfg.output.name,
-        "config_hash": config_mod.config_hash(cfg),
-        "seed": cfg.seed,
-        "fedmem_version": fedmem.__version__,
-        "torch_version": torch.__version__,
-        "examples": {
-            "train": len(table),
-            "test": len(table.y_test),
-            "noisy": int(table.is_noisy.sum()),
-            "outliers": int(table.is_outlier.sum()),
-            "canary_copies": int(table.is_canary.sum()),
-        },
-        "runs": runs,
-        "analysis": analysis,
-        "wall_s": round(time.perf_counter() - t0, 3),
-        **timing,
-    }
-    privacy = privacy_summary(cfg, rows, rd)
-    if privacy:
-        summary["privacy"] = privacy
-    if cfg.analysis.memorization_scores.enabled:
-        from fedmem.analysis.pipeline import memorization_scores_stage
-
-        console.print(
-            f"memorization scores: training {cfg.analysis.memorization_scores.models} models ..."
-        )
-        summary["memorization_scores"] = memorization_scores_stage(cfg, table, rd.path, console)
-        summary["wall_s"] = round(time.perf_counter() - t0, 3)
-    rd.write_json("summary.json", summary)
-    render_report(rd.path)
-    rd.finish()
-    return summary
-
-
-def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict:
-    """summary.json's ``privacy`` section: what each run and client has really spent."""
-    out: dict = {}
-    p = cfg.privacy
-    if p.record_level:
-        rec: dict = {"max_grad_norm": p.max_grad_norm, "accountant": p.accountant}
-        central = [r for r in rows if r["run"] == "central"]
-        if central:
-            rec["central"] = {
-                "epsilon": central[-1].get("epsilon"),
-                "steps": central[-1].get("dp_steps"),
-            }
-        clients: dict[int, dict] = {}
-        for c in rd.read_jsonl("clients.jsonl"):
-            if "epsilon" in c:
-                clients[c["client"]] = {
-                    k: c.get(k)
-                    for k in (
-                        "epsilon",
-                        "delta",
-                        "noise_multiplier",
-                        "sample_rate",
-                        "dp_steps_total",
-                    )
-                }
-        if clients:
-            eps = [c["epsilon"] for c in clients.values() if isinstance(c["epsilon"], float)]
-            rec["epsilon_max"] = max(eps) if eps else "inf"
-            rec["epsilon_per_client"] = {str(k): v["epsilon"] for k, v in sorted(clients.items())}
-            rec["clients"] = {str(k): v for k, v in sorted(clients.items())}
-        out["record_level"] = rec
-    if p.user_level:
-        fed = [r for r in rows if r["run"] == "federated"]
-        import strategies
-
-        n = cfg.federation.num_clients
-        out["user_level"] = {
-            "epsilon": fed[-1].get("user_epsilon") if fed else None,
-            "delta": p.user_delta or 1.0 / (10 * n),
-            "noise_multiplier": p.user_noise_multiplier,
-            "clip_norm": p.user_clip_norm,
-            "sample_rate": strategies.clients_per_round(cfg) / n,
-            "rounds_released": sum(1 for r in fed[1:] if not r.get("round_lost")),
-        }
-    return out
-
-
-def run_or_load(
-    cfg: ExperimentConfig, console: Console, force: bool = False
-) -> tuple[RunDir, dict]:
-    """The experiment's run directory and summary: computed, or reused when complete."""
-    rd = RunDir.for_config(cfg)
-    if rd.complete and not force:
-        console.print(f"cached: {rd.path} is complete (use --force to recompute)")
-        return rd, rd.read_summary()
-    table = prepare(cfg)
-    return rd, run_experiment(cfg, table, rd, console)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from fedmem.config import ExperimentConfig, config_hash
 from fedmem.errors import ConfigError
-from fedmem.report import cell, md_table
-from fedmem.rundir import atomic_write_text
+from fedmem.reporting.tables import cell, md_table
+from fedmem.runs.rundir import atomic_write_text
 
 RECIPES = ("central_vs_federated", "dp_memorization", "privacy_audit")
 

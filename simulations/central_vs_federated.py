@@ -45,7 +45,7 @@ def cell_config(
 
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
-    from fedmem.simulate import run_or_load
+    from fedmem.runs.experiment import run_or_load
 
     rows = []
     for noise in NOISE_RATES:

@@ -36,7 +36,7 @@ def cell_config(base: ExperimentConfig, z: float, level: str) -> ExperimentConfi
 
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
-    from fedmem.simulate import run_or_load
+    from fedmem.runs.experiment import run_or_load
 
     rows: list[dict[str, Any]] = []
     for z in NOISE_MULTIPLIERS:

@@ -39,9 +39,10 @@ def cell_config(base: ExperimentConfig, z: float) -> ExperimentConfig:
 
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
-    from fedmem.privacy.audit import check_auditable, open_run, run_audit
-    from fedmem.privacy.audit_report import headline
-    from fedmem.simulate import run_or_load
+    from fedmem.privacy.audit.engine import run_audit
+    from fedmem.privacy.audit.records import check_auditable, open_run
+    from fedmem.privacy.audit.report import headline
+    from fedmem.runs.experiment import run_or_load
 
     check_auditable(base)  # before any training: the base must keep audit records
     rows: list[dict[str, Any]] = []

@@ -9,8 +9,7 @@ import pytest
 import torch
 from scipy.special import expit
 
-from fedmem.analysis.memorization import roc_auc
-from fedmem.privacy.attacks import (
+from fedmem.privacy.audit.attacks import (
     attack_summary,
     label_probability,
     lira_scores,
@@ -20,6 +19,7 @@ from fedmem.privacy.attacks import (
     roc_curve,
     tpr_at_fpr,
 )
+from fedmem.stats import roc_auc
 
 
 # ---------------------------------------------------------------------------------------------

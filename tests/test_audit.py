@@ -14,14 +14,9 @@ from fedmem.audit import VIOLATION_EXIT
 from fedmem.audit import main as audit_main
 from fedmem.data.table import build_table
 from fedmem.errors import InputError
-from fedmem.privacy.audit import (
-    attack_overrides,
-    canary_exposure,
-    check_auditable,
-    claimed_privacy,
-    client_scores,
-    shadow_data,
-)
+from fedmem.privacy.audit.data import shadow_data
+from fedmem.privacy.audit.records import attack_overrides, check_auditable
+from fedmem.privacy.audit.scoring import canary_exposure, claimed_privacy, client_scores
 from fedmem.simulate import main as simulate_main
 from tests.conftest import REPO, small_overrides
 

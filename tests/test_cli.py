@@ -153,7 +153,7 @@ def test_missing_data_dir_exits_2(tmp_path, capsys):
 
 
 def test_interrupted_run_is_not_complete_and_is_redone(tmp_path, monkeypatch):
-    import fedmem.simulate as sim
+    import fedmem.runs.experiment as sim
 
     args = small_overrides(tmp_path) + CENTRAL_ONLY
 

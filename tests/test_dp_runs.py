@@ -11,7 +11,8 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedmem.config import ConfigError
-from fedmem.simulate import load_config, main, parse_args, prepare
+from fedmem.runs.experiment import prepare
+from fedmem.simulate import load_config, main, parse_args
 from strategies import sample_partitions
 from tests.conftest import small_overrides
 

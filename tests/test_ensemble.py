@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmem.analysis.ensemble import (
+from fedmem.config import ModelConfig, TrainConfig
+from fedmem.ensemble import (
     Ensemble,
     ensemble_order,
     member_init_state,
     train_ensemble,
 )
-from fedmem.config import ModelConfig, TrainConfig
 from fedmem.models import build_model
 from fedmem.seeding import derive_seed
 from fedmem.train import keyed_order, train_epochs

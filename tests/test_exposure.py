@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmem.privacy.exposure import exposure, exposure_extrapolated, exposure_summary, ranks
+from fedmem.privacy.audit.exposure import exposure, exposure_extrapolated, exposure_summary, ranks
 
 REFERENCES = np.arange(1.0, 100.0)  # |R| = 99 reference losses 1, 2, ..., 99
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fedmem import config
-from fedmem.central import run_central
 from fedmem.federation.client_app import fails
 from fedmem.federation.engine import run_federated
 from fedmem.observer import Observer
+from fedmem.runs.central import run_central
 from fedmem.simulate import main
 from tests.conftest import REPO, federated_job, small_overrides
 

@@ -10,7 +10,6 @@ import torch
 from scipy import stats
 
 from fedmem import config
-from fedmem.analysis.ensemble import train_ensemble
 from fedmem.analysis.memorization import (
     client_subset_masks,
     confidence,
@@ -18,12 +17,12 @@ from fedmem.analysis.memorization import (
     in_out_accuracy,
     memorization_report,
     memorization_scores,
-    roc_auc,
-    spearman,
     subset_masks,
 )
 from fedmem.data.table import cached_table
+from fedmem.ensemble import train_ensemble
 from fedmem.seeding import np_rng
+from fedmem.stats import roc_auc, spearman
 
 from .conftest import CACHE, REPO
 

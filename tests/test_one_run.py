@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedmem.privacy.one_run import (
+from fedmem.privacy.audit.one_run import (
     epsilon_lower_bound,
     guesses,
     one_run_epsilon,

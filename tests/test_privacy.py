@@ -1,4 +1,4 @@
-"""Record-level DP-SGD (fedmem/privacy/dp.py through train_epochs): exact math, noise,
+"""Record-level DP-SGD (fedmem/privacy/dp/ through train_epochs): exact math, noise,
 Poisson sampling, leaving the model as found, accounting, validation. Real Opacus throughout."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedmem.config import ExperimentConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedmem.errors import ConfigError
 from fedmem.models import build_model
-from fedmem.privacy import (
+from fedmem.privacy.dp import (
     AccountantHistory,
     DPSession,
     check_delta,

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from fedmem import config
-from fedmem.analysis.ensemble import member_init_state, train_ensemble
-from fedmem.privacy.shadows import (
+from fedmem.ensemble import member_init_state, train_ensemble
+from fedmem.privacy.audit.shadows import (
     fedavg_round_plan,
     fedavg_round_seed,
     recipe_deviations,
@@ -254,7 +254,7 @@ def test_errors_and_deviations():
 
 def test_fedavg_lock_step_groups_and_workers_change_nothing(monkeypatch):
     """Partial participation over 3 rounds; groups of 2 pairs in 2 threads = one group."""
-    import fedmem.privacy.shadows as shadows_mod
+    import fedmem.privacy.audit.shadows as shadows_mod
 
     cfg = _cfg(rounds=3, local_epochs=1, clients=4, fraction=0.5)
     x, y = _data(n=200)

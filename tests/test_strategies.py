@@ -60,7 +60,7 @@ def test_every_strategy_trains(tmp_path, name):
 
 def test_fedavg_is_the_example_weighted_mean_of_client_models(tmp_path):
     """One round of FedAvg from the recorded client results, recomputed by hand."""
-    from fedmem.central import init_model
+    from fedmem.models import init_model
     from fedmem.train import keyed_order, train_epochs
 
     cfg = _cfg(tmp_path, "train.rounds=1")

@@ -2,7 +2,7 @@
 
 Pure functions: tensors (or arrays) in, numbers out. The ensemble is K models, model k trained
 on the rows ``masks[k]`` (:func:`subset_masks`, :func:`client_subset_masks`,
-:func:`fedmem.analysis.ensemble.train_ensemble`).
+:func:`fedmem.ensemble.train_ensemble`).
 
 - Feldman & Zhang 2020, "What Neural Networks Memorize and Why: Discovering the Long Tail via
   Influence Estimation" (NeurIPS): label memorization of example i by algorithm A on data S,
@@ -16,8 +16,8 @@ on the rows ``masks[k]`` (:func:`subset_masks`, :func:`client_subset_masks`,
   probability of the label, averaged over models, :func:`confidence`) and "ensemble agreement"
   (Jensen-Shannon divergence between the output distributions of models trained on the data,
   averaged over pairs of models, :func:`ensemble_agreement`).
-- :func:`roc_auc` (Mann-Whitney U) and :func:`spearman` summarize how the scores separate
-  mislabeled from clean rows and how the metrics relate.
+- :func:`fedmem.stats.roc_auc` (Mann-Whitney U) and :func:`fedmem.stats.spearman` summarize
+  how the scores separate mislabeled from clean rows and how the metrics relate.
 
 Client level: with :func:`client_subset_masks` each model includes or leaves out whole clients,
 so the same formulas measure how much a row's label depends on its client's participation.
@@ -31,13 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-ArrayLike = torch.Tensor | np.ndarray
-
-
-def _np(a: ArrayLike) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
+from fedmem.stats import ArrayLike, roc_auc, spearman, to_numpy
 
 
 def _share_count(share: float, total: int, what: str) -> int:
@@ -84,7 +78,7 @@ def client_subset_masks(
     one row per group the draws equal :func:`subset_masks`'.
     """
     c = _share_count(share, num_clients, "clients")
-    clients = _np(client_of_row).astype(np.int64)
+    clients = to_numpy(client_of_row).astype(np.int64)
     chosen = np.argsort(rng.random((models, num_clients)), axis=1)[:, :c]
     include = np.zeros((models, num_clients), dtype=bool)
     np.put_along_axis(include, chosen, True, axis=1)
@@ -204,59 +198,6 @@ def _pairwise_js(probs: torch.Tensor, selections: list[torch.Tensor]) -> list[to
 # ---------------------------------------------------------------------------------------------
 # summary statistics
 # ---------------------------------------------------------------------------------------------
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``v`` with ties given their average rank."""
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    avg = ends - (counts - 1) / 2.0
-    return avg[inverse]
-
-
-def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the ROC curve of ``scores`` for the positive rows ``labels`` (bool).
-
-    The Mann-Whitney U statistic: the share of (positive, negative) pairs in which the positive
-    row scores higher, ties counted half; computed from average ranks, O(n log n). Rows with a
-    NaN score are dropped. NaN if no positive or no negative row remains.
-    """
-    s = _np(scores).astype(np.float64).ravel()
-    lab = _np(labels).astype(bool).ravel()
-    if s.shape != lab.shape:
-        raise ValueError(f"roc_auc: {s.shape[0]} scores for {lab.shape[0]} labels")
-    keep = ~np.isnan(s)
-    s, lab = s[keep], lab[keep]
-    n_pos = int(lab.sum())
-    n_neg = len(lab) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = _average_ranks(s)
-    u = ranks[lab].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def spearman(a: ArrayLike, b: ArrayLike) -> float:
-    """Spearman rank correlation of ``a`` and ``b`` (average ranks for ties).
-
-    Pairs where either value is NaN are dropped. NaN if fewer than two pairs remain or either
-    side is constant.
-    """
-    x = _np(a).astype(np.float64).ravel()
-    y = _np(b).astype(np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"spearman: {x.shape[0]} vs {y.shape[0]} values")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
-    if len(x) < 2:
-        return float("nan")
-    rx, ry = _average_ranks(x), _average_ranks(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    if denom == 0:
-        return float("nan")
-    return float((rx * ry).sum() / denom)
-
-
 def _nanmean(v: np.ndarray) -> float:
     v = v[~np.isnan(v)]
     return float(v.mean()) if len(v) else float("nan")
@@ -307,7 +248,7 @@ def memorization_report(
     agreement, agreement_in = _pairwise_js(probs, [~masks, masks])
     per_row["agreement"] = agreement.numpy()
     per_row["agreement_in"] = agreement_in.numpy()
-    g_np = {name: _np(rows).astype(bool).ravel() for name, rows in groups.items()}
+    g_np = {name: to_numpy(rows).astype(bool).ravel() for name, rows in groups.items()}
     mem_np = per_row["mem"]
     auc_vs_clean: dict[str, float] = {}
     if "clean" in g_np:

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from fedmem.analysis.ensemble import train_ensemble
 from fedmem.analysis.memorization import client_subset_masks, memorization_report
 from fedmem.analysis.trajectories import table_groups
-from fedmem.central import resolve_device
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
+from fedmem.ensemble import train_ensemble
+from fedmem.models.factory import resolve_device
 from fedmem.progress import counting_bar
-from fedmem.rundir import json_safe
+from fedmem.runs.rundir import json_safe
 from fedmem.seeding import derive_seed, np_rng
 
 
@@ -56,7 +56,7 @@ def memorization_scores_stage(
     cfg: ExperimentConfig, table: ExampleTable, run_dir: Path, console: Console
 ) -> dict[str, Any]:
     """Run the stage for every configured level; returns ``{level: summary}``."""
-    from fedmem import plots
+    from fedmem.reporting import plots
 
     ms = cfg.analysis.memorization_scores
     levels = ["example", "client"] if ms.level == "both" else [ms.level]

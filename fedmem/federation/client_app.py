@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmem import config as config_mod
-from fedmem.central import experiment_model, resolve_device
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
+from fedmem.models.factory import experiment_model, resolve_device
 from fedmem.seeding import np_rng
 from fedmem.train import keyed_order, train_epochs
 

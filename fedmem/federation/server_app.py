@@ -27,10 +27,11 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.analysis.gradients import layer_groups, update_cosine
-from fedmem.central import INF, init_model, json_epsilon
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
+from fedmem.models.factory import init_model
 from fedmem.observer import Observer
+from fedmem.privacy.epsilon import INF, json_epsilon
 from strategies import RoundReport, build_strategy, clients_per_round
 
 ROUND_TIMEOUT_S = 3600.0

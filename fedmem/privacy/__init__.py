@@ -1,40 +1,6 @@
-"""Differential privacy: record-level DP-SGD through Opacus (:mod:`fedmem.privacy.dp`).
+"""Privacy: record-level DP-SGD (:mod:`fedmem.privacy.dp`), how epsilon is reported
+(:mod:`fedmem.privacy.epsilon`) and the post-hoc privacy audit of finished runs
+(:mod:`fedmem.privacy.audit`).
 
-Importing this package is cheap; Opacus is imported when DP training or accounting starts.
+Importing this package is cheap: it imports none of its subpackages (nor Opacus).
 """
-
-from fedmem.privacy.dp import (
-    MALLOC_ENV,
-    AccountantHistory,
-    DPSession,
-    PrivateStep,
-    check_delta,
-    check_model,
-    default_delta,
-    dp_ready_model,
-    planned_steps,
-    resolve_grad_sample_mode,
-    resolve_noise_multiplier,
-    sample_rate,
-    steps_per_epoch,
-    tune_malloc,
-    validate_record_level,
-)
-
-__all__ = [
-    "MALLOC_ENV",
-    "AccountantHistory",
-    "DPSession",
-    "PrivateStep",
-    "check_delta",
-    "check_model",
-    "default_delta",
-    "dp_ready_model",
-    "planned_steps",
-    "resolve_grad_sample_mode",
-    "resolve_noise_multiplier",
-    "sample_rate",
-    "steps_per_epoch",
-    "tune_malloc",
-    "validate_record_level",
-]

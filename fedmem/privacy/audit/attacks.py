@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from fedmem.analysis.memorization import ArrayLike, roc_auc
+from fedmem.stats import ArrayLike, roc_auc
 
 STD_FLOOR = 1e-6
 """Smallest standard deviation LiRA uses; guards constant shadow outputs (zero variance)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
-from fedmem.analysis.memorization import ArrayLike
+from fedmem.stats import ArrayLike
 
 EPS_CAP = 50.0
 """Upper end of the epsilon search; the bound is reported as this cap if even it is rejected."""

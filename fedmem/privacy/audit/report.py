@@ -1,6 +1,6 @@
 """Reading an audit's results: headline numbers, the console / report table, violations.
 
-Pure functions of ``audit.json``'s content (:func:`fedmem.privacy.audit.run_audit`).
+Pure functions of ``audit.json``'s content (:func:`fedmem.privacy.audit.engine.run_audit`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+
+from fedmem.reporting.tables import cell
 
 
 def violations(result: dict[str, Any]) -> list[str]:
@@ -60,8 +62,6 @@ AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
 
 def audit_rows(result: dict[str, Any]) -> list[list[str]]:
     """The console / report table rows: one per audited model."""
-    from fedmem.report import cell
-
     return [
         [name, *(cell(h.get(key)) for key, _ in AUDIT_COLUMNS)]
         for name, h in headline(result).items()

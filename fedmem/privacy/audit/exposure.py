@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from fedmem.analysis.memorization import ArrayLike
+from fedmem.stats import ArrayLike
 
 
 def _np(a: ArrayLike) -> np.ndarray:

@@ -1,54 +1,8 @@
-"""K small models trained at once, each on its own subset of rows (subsample / shadow models).
+"""The batched ensemble trainer: :func:`train_ensemble` and the trained :class:`Ensemble`.
 
-:func:`train_ensemble` runs the training loop of :func:`fedmem.train.train_epochs` for K
-models side by side, on stacked parameters (leading dimension K), with the same semantics:
-
-- mini-batches of ``train_cfg.batch_size`` rows (the last batch of an epoch may be smaller),
-  loss = cross-entropy averaged over the real examples of the batch;
-- optimizer ``train_cfg.optimizer``: ``sgd`` follows ``torch.optim.SGD`` (weight decay added to
-  the gradient, momentum buffer ``b <- momentum * b + g`` started at the first gradient,
-  ``w <- w - lr * b``), ``adam`` follows ``torch.optim.Adam`` (L2 weight decay added to the
-  gradient, bias-corrected moments, ``eps`` 1e-8, betas 0.9 / 0.999), a fresh optimizer per
-  model at the start of training (like a federated client's first round);
-- ``train_cfg.proximal_mu`` and training hooks do not apply (there is no global model).
-
-Batch order (:func:`ensemble_order`): in epoch ``e`` every row of ``x`` draws a key from the
-stream ``(seed, "ensemble", k, e)`` (``torch.rand(len(x))`` with that generator) and model ``k``
-visits the rows of its mask by ascending key (ties by row id). This is :func:`keyed_order` with
-the stream named per model instead of per round: orders are independent across models and a
-row's key does not depend on which other rows a model trains on.
-
-Initialization: model ``k`` is ``build_model(model_cfg, ...)`` under
-``torch.manual_seed(derive_seed(seed, "ensemble-init", k))`` (:func:`member_init_state`), the
-global RNG untouched; ``init_states`` overrides it (pass
-``[fedmem.central.init_model(cfg, table).state_dict()]`` to start from the experiment's init).
-Model ``k``'s init and batch order depend only on ``(seed, k)``, where ``k = first + i`` for
-the i-th mask of a call: models are independent, so an ensemble of K models equals K calls with
-one mask each (``first=k``), and ``chunk`` changes nothing but memory use (up to float
-rounding).
-
-Uneven subsets: each model takes ``ceil(|mask_k| / batch_size)`` steps per epoch. Steps run in
-lock-step up to the largest subset's count; a model whose epoch is over skips the remaining
-steps entirely (no weight decay, no momentum or Adam moment update, no Adam step count).
-
-Two implementations, the same numbers up to float rounding:
-
-- ``bmm`` (MLP only, the default for it): forward and a hand-written backward with batched
-  matrix products (``torch.baddbmm``/``bmm``) over weights stacked as (K, out, in); with SGD
-  and momentum the weight gradient is accumulated straight into the momentum buffer inside its
-  matrix product (``buf.baddbmm_(..., beta=momentum)``), which saves several passes over
-  memory per step (rounding differs from torch's ``buf * momentum + grad`` in the last bits);
-- ``vmap`` (any model without BatchNorm): ``torch.func.vmap(grad(loss))`` over
-  ``functional_call`` with the stacked parameters (as ``torch.func.stack_module_state`` stacks
-  them, here from state dicts).
-
-The optimizer update is applied to the stacked tensors (vectorized over K) in both. Models with
-BatchNorm (``resnet9``) are refused: their running statistics do not fit a vmapped update.
-
-Threads (CPU): the models are split over ``workers`` Python threads (default: torch's thread
-count), each running its share single-threaded; the matrix products release the GIL, so two
-workers use two cores without OpenMP barriers (see :func:`train_ensemble`). Speed on the 2-core
-development machine: ``benchmarks/ensemble.py``.
+Seeds, batch orders and inits of the members, and the training loop over stacked parameters;
+the semantics are in :mod:`fedmem.ensemble`'s docstring, the kernels in
+:mod:`fedmem.ensemble.kernels`, the optimizer updates in :mod:`fedmem.ensemble.optim`.
 """
 
 from __future__ import annotations
@@ -62,20 +16,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from fedmem.config import ModelConfig, TrainConfig
-from fedmem.models import MLP, build_model
+from fedmem.ensemble.kernels import _mlp_forward, _mlp_grads, _mlp_layers, _VmapKernel
+from fedmem.ensemble.optim import _StackedOptimizer
+from fedmem.models.architectures import build_model
 from fedmem.seeding import derive_seed, torch_gen
 
 Backend = Literal["auto", "bmm", "vmap"]
 
 # (model, example) pairs per forward pass in Ensemble.logits: bounds activation memory.
 _EVAL_PAIRS = 1 << 17
-_ADAM_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,201 +73,6 @@ def _check_supported(model: nn.Module) -> None:
             )
         if isinstance(m, nn.Dropout | nn.modules.dropout._DropoutNd):
             raise ValueError("train_ensemble: models with dropout are not supported")
-
-
-def _mlp_layers(model: nn.Module) -> list[str] | None:
-    """Module names of the MLP's linear layers in order, or None for other models."""
-    if not isinstance(model, MLP):
-        return None
-    return [f"net.{i}" for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-
-
-# ---------------------------------------------------------------------------------------------
-# forward / gradient kernels
-# ---------------------------------------------------------------------------------------------
-def _mlp_forward(
-    params: Mapping[str, torch.Tensor], layers: list[str], x: torch.Tensor, keep: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits (K, B, C) of stacked MLPs on x (K, B, D); with ``keep`` the layer inputs too."""
-    acts: list[torch.Tensor] = []
-    h = x
-    last = len(layers) - 1
-    for i, name in enumerate(layers):
-        if keep:
-            acts.append(h)
-        w, b = params[f"{name}.weight"], params[f"{name}.bias"]
-        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        if i < last:
-            h = h.relu_()
-    return h, acts
-
-
-def _mlp_grads(
-    params: Mapping[str, torch.Tensor],
-    layers: list[str],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    wb: torch.Tensor,
-    accumulate: dict[str, torch.Tensor] | None = None,
-    beta: float = 0.0,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Gradients of sum_j wb[k, j] * CE_kj per model, and the CE values (K, B).
-
-    Hand-written backward: dlogits = (softmax - onehot) * w; for each linear layer
-    dW = dout^T @ in, db = sum dout, din = dout @ W masked by the ReLU (output > 0).
-    With ``accumulate`` (e.g. SGD momentum buffers), ``accumulate <- beta * accumulate + grad``
-    in place, inside the matrix product for the weights (``baddbmm_``), and it is returned.
-    """
-    logits, acts = _mlp_forward(params, layers, xb.flatten(2), keep=True)
-    logp = torch.log_softmax(logits, dim=-1)
-    ce = -logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1)
-    g = logp.exp_()
-    g.scatter_add_(-1, yb.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
-    g.mul_(wb.unsqueeze(-1))
-    grads: dict[str, torch.Tensor] = {}
-    for i in range(len(layers) - 1, -1, -1):
-        name, a = layers[i], acts[i]
-        if accumulate is None:
-            grads[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), a)
-            grads[f"{name}.bias"] = g.sum(1)
-        else:
-            grads[f"{name}.weight"] = accumulate[f"{name}.weight"].baddbmm_(
-                g.transpose(1, 2), a, beta=beta
-            )
-            grads[f"{name}.bias"] = accumulate[f"{name}.bias"].mul_(beta).add_(g.sum(1))
-        if i > 0:
-            g = torch.ops.aten.threshold_backward(torch.bmm(g, params[f"{name}.weight"]), a, 0)
-    return grads, ce
-
-
-class _VmapKernel:
-    """Per-model gradients of the weighted cross-entropy with torch.func over stacked params."""
-
-    def __init__(self, template: nn.Module, buffers: Mapping[str, torch.Tensor]):
-        self.base = template.to("meta")
-        self.buffers = dict(buffers)
-
-        def loss(params, buffers, xb, yb, wb):
-            logits = functional_call(self.base, (params, buffers), (xb,))
-            ce = F.cross_entropy(logits, yb, reduction="none")
-            return (ce * wb).sum(), ce.detach()
-
-        self._grad = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, 0))
-        self._fwd = vmap(
-            lambda p, b, xb: functional_call(self.base, (p, b), (xb,)), in_dims=(0, 0, None)
-        )
-
-    def grads(self, params, xb, yb, wb):
-        return self._grad(params, self.buffers, xb, yb, wb)
-
-    def logits(self, params, buffers, x):
-        return self._fwd(params, buffers, x)
-
-
-# ---------------------------------------------------------------------------------------------
-# optimizer updates on stacked tensors
-# ---------------------------------------------------------------------------------------------
-class _StackedOptimizer:
-    """SGD / Adam over a dict of stacked parameters, one independent optimizer per model."""
-
-    def __init__(self, cfg: TrainConfig, params: Mapping[str, torch.Tensor]):
-        if cfg.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}")
-        self.cfg = cfg
-        k = next(iter(params.values())).shape[0]
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        if cfg.optimizer == "sgd" and cfg.momentum != 0:
-            self.state["buf"] = {n: torch.zeros_like(p) for n, p in params.items()}
-        if cfg.optimizer == "adam":
-            self.state["m"] = {n: torch.zeros_like(p) for n, p in params.items()}
-            self.state["v"] = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.steps = torch.zeros(k, dtype=torch.float64)
-
-    def step(
-        self,
-        params: dict[str, torch.Tensor],
-        grads: Mapping[str, torch.Tensor],
-        active: torch.Tensor,
-    ) -> None:
-        """Update every model with ``active[k]``; the others are left untouched."""
-        if bool(active.all()):
-            self._update(params, grads, self.state, slice(None))
-            return
-        idx = torch.nonzero(active).flatten()
-        if len(idx) == 0:
-            return
-        idx_dev = idx.to(next(iter(params.values())).device)
-        sub_p = {n: p.index_select(0, idx_dev) for n, p in params.items()}
-        sub_g = {n: g.index_select(0, idx_dev) for n, g in grads.items()}
-        sub_s = {
-            s: {n: t.index_select(0, idx_dev) for n, t in d.items()} for s, d in self.state.items()
-        }
-        self._update(sub_p, sub_g, sub_s, idx)
-        for n, p in params.items():
-            p.index_copy_(0, idx_dev, sub_p[n])
-        for s, d in self.state.items():
-            for n, t in d.items():
-                t.index_copy_(0, idx_dev, sub_s[s][n])
-
-    @property
-    def fusable(self) -> bool:
-        """SGD with momentum: the gradient can be accumulated straight into the buffers."""
-        return self.cfg.optimizer == "sgd" and self.cfg.momentum != 0
-
-    def step_fused(self, params: dict[str, torch.Tensor]) -> None:
-        """The SGD step of every model after ``buf <- momentum * buf + grad`` was done in place.
-
-        Weight decay then adds ``weight_decay * w`` to the buffer (the same sum as torch's
-        ``momentum * buf + (grad + weight_decay * w)``, rounded in another order).
-        """
-        cfg = self.cfg
-        self.steps += 1
-        for n, p in params.items():
-            buf = self.state["buf"][n]
-            if cfg.weight_decay != 0:
-                buf.add_(p, alpha=cfg.weight_decay)
-            p.add_(buf, alpha=-cfg.lr)
-
-    def _update(self, params, grads, state, which) -> None:
-        cfg = self.cfg
-        self.steps[which] += 1
-        if cfg.optimizer == "sgd":
-            for n, p in params.items():
-                g = grads[n]
-                if cfg.weight_decay != 0:
-                    g = g.add(p, alpha=cfg.weight_decay)
-                if cfg.momentum != 0:
-                    buf = state["buf"][n]
-                    buf.mul_(cfg.momentum).add_(g)
-                    g = buf
-                p.add_(g, alpha=-cfg.lr)
-            return
-        beta1, beta2 = _ADAM_BETAS
-        steps = self.steps[which]
-        uniform = bool((steps == steps[0]).all())
-        if uniform:  # python scalars, exactly as torch.optim.Adam computes them
-            t = float(steps[0])
-            step_size: float | torch.Tensor = cfg.lr / (1 - beta1**t)
-            bc2_sqrt: float | torch.Tensor = (1 - beta2**t) ** 0.5
-        else:
-            step_size = (cfg.lr / (1 - beta1**steps)).float()
-            bc2_sqrt = ((1 - beta2**steps) ** 0.5).float()
-        for n, p in params.items():
-            g = grads[n]
-            if cfg.weight_decay != 0:
-                g = g.add(p, alpha=cfg.weight_decay)
-            m, v = state["m"][n], state["v"][n]
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            if uniform:
-                denom = (v.sqrt() / bc2_sqrt).add_(_ADAM_EPS)
-                p.addcdiv_(m, denom, value=-step_size)  # type: ignore[arg-type]
-            else:
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                s = step_size.to(p.device).view(shape)  # type: ignore[union-attr]
-                c = bc2_sqrt.to(p.device).view(shape)  # type: ignore[union-attr]
-                denom = (v.sqrt() / c).add_(_ADAM_EPS)
-                p.sub_(s * (m / denom))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""The audited run: open a finished run directory, check what it can be audited for, and load
+its models (one-line :class:`~fedmem.errors.InputError` on bad input)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from fedmem import config as config_mod
+from fedmem.config import ExperimentConfig
+from fedmem.data.table import ExampleTable, cached_table
+from fedmem.errors import InputError
+from fedmem.models.factory import experiment_model
+from fedmem.runs.rundir import COMPLETE, RunDir
+
+# what each part of the audit needs in the run's config
+NEEDS = {
+    "membership": "audit.pool (membership candidates, e.g. audit.pool=2000)",
+    "one_run_epsilon": "audit.canaries (audit canaries, e.g. audit.canaries=500)",
+    "client_membership": "audit.heldout_clients (never-trained clients, e.g. 2)",
+    "exposure": "data.canaries.count and data.canaries.reference (e.g. 10 and 100)",
+}
+
+
+@dataclass(frozen=True)
+class AuditedRun:
+    """A finished run directory, its config (with the audit's attack settings) and table."""
+
+    rd: RunDir
+    cfg: ExperimentConfig
+    table: ExampleTable
+    summary: dict[str, Any]
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.summary.get("runs", {}))
+
+
+def attack_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse ``audit.attack.key=value`` overrides; any other key is an input error."""
+    parsed = config_mod.parse_overrides(overrides)
+    other = [k for k in parsed if k != "audit"] + [
+        f"audit.{k}" for k in (parsed.get("audit") or {}) if k != "attack"
+    ]
+    if other:
+        raise InputError(
+            f"{other[0]}: only audit.attack.* can change when auditing a finished run; to change "
+            "the run itself, rerun python -m fedmem.simulate with that key"
+        )
+    return parsed
+
+
+def open_run(path: str | Path, overrides: list[str] | None = None) -> AuditedRun:
+    """Load a complete run directory for auditing, or raise a one-line :class:`InputError`."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise InputError(f"RUN_DIR: {path} is not a run directory (no config.yaml)")
+    if not (path / COMPLETE).is_file():
+        raise InputError(
+            f"RUN_DIR: {path} is incomplete (no {COMPLETE}); finish it with python -m "
+            "fedmem.simulate first"
+        )
+    try:
+        raw = yaml.safe_load((path / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"RUN_DIR: {path}/config.yaml is not valid YAML ({e})") from None
+    raw = config_mod.merge_dicts(raw, attack_overrides(overrides or []))
+    cfg = config_mod.build(raw)
+    rd = RunDir(path)
+    for run in ("central", "federated") if cfg.federation.enabled else ("central",):
+        if not rd.checkpoint_path(run).is_file():
+            raise InputError(
+                f"RUN_DIR: {path} has no checkpoints/{run}.pt (made by an older fedmem); "
+                "rerun it with python -m fedmem.simulate --force"
+            )
+    return AuditedRun(rd, cfg, cached_table(cfg), rd.read_summary())
+
+
+def missing_parts(cfg: ExperimentConfig) -> dict[str, str]:
+    """Parts of the audit the run's config gives no data for -> the keys to set."""
+    au, can = cfg.audit, cfg.data.canaries
+    have = {
+        "membership": au.pool > 0,
+        "one_run_epsilon": au.canaries > 0,
+        "client_membership": au.heldout_clients > 0,
+        "exposure": can.count > 0 and can.reference > 0,
+    }
+    return {part: NEEDS[part] for part, ok in have.items() if not ok}
+
+
+def check_auditable(cfg: ExperimentConfig) -> dict[str, str]:
+    """The missing parts; raises :class:`InputError` when no membership ground truth exists."""
+    missing = missing_parts(cfg)
+    if "membership" in missing and "one_run_epsilon" in missing:
+        raise InputError(
+            "audit.pool: the run kept no membership candidates; set audit.pool and "
+            "audit.canaries (and audit.heldout_clients for client-level inference) in its config "
+            "and rerun, e.g. python -m fedmem.simulate --config configs/audit.yaml"
+        )
+    return missing
+
+
+def load_model(run: AuditedRun, name: str, device: torch.device) -> nn.Module:
+    """The final model of run ``name`` (``central`` / ``federated``) from its checkpoint."""
+    model = experiment_model(run.cfg, run.table.input_shape, run.table.num_classes)
+    try:
+        model.load_state_dict(run.rd.load_checkpoint(name))
+    except (RuntimeError, OSError, KeyError) as e:
+        raise InputError(
+            f"RUN_DIR: checkpoints/{name}.pt does not fit the run's model ({str(e)[:80]}); "
+            "rerun with python -m fedmem.simulate --force"
+        ) from None
+    return model.to(device).eval()

@@ -1,0 +1,3 @@
+"""Reporting of finished runs: tables (:mod:`fedmem.reporting.tables`), plots
+(:mod:`fedmem.reporting.plots`) and ``report.md`` (:mod:`fedmem.reporting.report`).
+"""

@@ -1,0 +1,202 @@
+"""``report.md`` and ``plots/`` of a run directory, rendered from the files in it, and the
+table that compares several run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from fedmem.reporting.tables import FINAL_COLUMNS, _fmt, md_table
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
+    header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
+    return md_table(
+        header, [[run] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()]
+    )
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """(Re)write ``report.md`` and ``plots/*.png`` of a run directory from its files."""
+    from fedmem.reporting import plots
+    from fedmem.runs.rundir import atomic_write_text
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    out = [f"# {summary.get('name', run_dir.name)} — `{summary.get('config_hash', '')[:8]}`", ""]
+    ex = summary.get("examples", {})
+    if ex:
+        out += [
+            f"{ex.get('train')} training rows ({ex.get('noisy')} mislabeled, "
+            f"{ex.get('outliers')} outliers, {ex.get('canary_copies')} canary copies), "
+            f"{ex.get('test')} test examples; seed {summary.get('seed')}.",
+            "",
+        ]
+    out += ["## Final metrics", "", _runs_md(summary["runs"]), ""]
+    curves = plots.learning_curves(rows, run_dir / "plots" / "curves.png", summary.get("name", ""))
+    out += [f"![learning curves]({curves.relative_to(run_dir)})", ""]
+
+    analysis = summary.get("analysis") or {}
+    if analysis:
+        out += [
+            "## When: early learning, memorization, learning and forgetting",
+            "",
+            "Early-learning onset: round where mislabeled examples are most often predicted "
+            "as their true label (Liu et al. 2020). Memorization onset: first round where "
+            "the share predicted as their given wrong label exceeds "
+            f"{analysis.get('memorization_share')}. Learning time: first round after "
+            "which an example stays correct; forgetting events: correct -> incorrect "
+            "transitions (Toneva et al. 2019).",
+            "",
+        ]
+        header = [
+            "run",
+            "early-learning onset",
+            "memorization onset",
+            "group",
+            "share learned",
+            "mean learning time",
+            "mean forgetting events",
+        ]
+        table_rows = []
+        for run, a in analysis.items():
+            if not isinstance(a, dict) or "groups" not in a:
+                continue
+            for i, (group, g) in enumerate(a["groups"].items()):
+                table_rows.append(
+                    [
+                        run if i == 0 else "",
+                        a.get("early_learning_onset") if i == 0 else "",
+                        a.get("memorization_onset") if i == 0 else "",
+                        group,
+                        g.get("share_learned"),
+                        g.get("mean_learning_time"),
+                        g.get("mean_forgetting"),
+                    ]
+                )
+        out += [md_table(header, table_rows), ""]
+        per_client = (analysis.get("federated") or {}).get("per_client") or {}
+        if per_client:
+            out += [
+                "Per client (federated; from each client's own mislabeled examples):",
+                "",
+                md_table(
+                    ["client", "mislabeled", "early-learning onset", "memorization onset"],
+                    [
+                        [
+                            k,
+                            v.get("num_noisy"),
+                            v.get("early_learning_onset"),
+                            v.get("memorization_onset"),
+                        ]
+                        for k, v in per_client.items()
+                    ],
+                ),
+                "",
+            ]
+    grad_rows = _read_jsonl(run_dir / "gradients.jsonl")
+    heat = plots.gradient_heatmap(grad_rows, run_dir / "plots" / "gradient_cosine.png")
+    if heat is not None:
+        out += [
+            "## Where: clean vs mislabeled gradients per layer",
+            "",
+            "Cosine between the summed gradients of clean and of mislabeled training "
+            "examples, per layer and round (Maini et al. 2023, Fig. 2); norms in "
+            "`gradients.jsonl` are divided by sqrt(#params).",
+            "",
+            f"![gradient cosine]({heat.relative_to(run_dir)})",
+            "",
+        ]
+    upd = [g for g in grad_rows if g.get("kind") == "client_updates"]
+    if upd:
+        out += [
+            "Federated analogue: cosine between the mean update of clients holding "
+            "mislabeled data and of clean clients, per layer, in `gradients.jsonl` "
+            "(`kind: client_updates`).",
+            "",
+        ]
+    mem = summary.get("memorization_scores") or {}
+    for level, m in mem.items():
+        if not isinstance(m, dict):
+            continue
+        out += [
+            f"## How much: memorization scores ({level} level)",
+            "",
+            f"Feldman & Zhang (2020) scores from {m.get('models')} models trained on random "
+            f"{m.get('subset')} subsets ({level}s). ROC-AUC for telling mislabeled from "
+            f"clean examples by mem score: **{_fmt(m.get('auc_mislabeled_vs_clean'), '{:.3f}')}**. "
+            f"Spearman(mem, confidence) = {_fmt(m.get('spearman_mem_confidence'), '{:.3f}')}, "
+            f"Spearman(mem, agreement) = {_fmt(m.get('spearman_mem_agreement'), '{:.3f}')} "
+            "(Carlini, Erlingsson & Papernot 2019).",
+            "",
+        ]
+        means = m.get("mean_mem") or {}
+        if means:
+            out += [md_table(["group", "mean mem score"], [[k, v] for k, v in means.items()]), ""]
+        hist = m.get("histogram")
+        if hist:
+            out += [f"![memorization scores]({hist})", ""]
+    out += _audit_md(run_dir)
+    atomic_write_text(run_dir / "report.md", "\n".join(out) + "\n")
+    return run_dir / "report.md"
+
+
+def _audit_md(run_dir: Path) -> list[str]:
+    """The privacy-audit section, when ``python -m fedmem.audit`` has written audit.json."""
+    path = run_dir / "audit.json"
+    if not path.is_file():
+        return []
+    from fedmem.privacy.audit.report import AUDIT_COLUMNS, audit_rows
+
+    result = json.loads(path.read_text())
+    out = [
+        "## Privacy audit",
+        "",
+        "Canary exposure (Carlini et al. 2019; mean over inserted canaries), record-level "
+        "membership inference on the audit pool (loss threshold, Yeom et al. 2018; LiRA, "
+        "Carlini et al. 2022; RMIA, Zarifzadeh et al. 2024; TPR at 1% FPR), client-level "
+        "inference (training vs held-out clients) and the one-run empirical epsilon lower bound "
+        "(Steinke et al. 2023) beside the accountant's epsilon.",
+        "",
+        md_table(["model", *(label for _, label in AUDIT_COLUMNS)], audit_rows(result)),
+        "",
+    ]
+    for name, sh in (result.get("shadows") or {}).items():
+        note = "; ".join(sh.get("not_simulated") or []) or "same recipe as the target"
+        out.append(f"- {name}: {sh['models']} {sh['recipe']} shadow models ({note}).")
+    for name, sh in (result.get("client_shadows") or {}).items():
+        out.append(
+            f"- {name}: {sh['models']} {sh['recipe']} client-level shadow models, each holding "
+            f"a random half of the {sh['clients']} training and held-out clients."
+        )
+    for part, keys in (result.get("skipped") or {}).items():
+        out.append(f"- skipped {part}: set {keys}.")
+    out.append("")
+    for name, plot in (result.get("plots") or {}).items():
+        what = "canary exposure" if name == "exposure" else f"membership inference ROC, {name}"
+        out += [f"![{what}]({plot})", ""]
+    return out
+
+
+def compare_table(run_dirs: list[Path]) -> Table:
+    """One table over several run directories: every run of each, final metrics."""
+    table = Table(title="runs compared")
+    table.add_column("run directory")
+    table.add_column("run", style="bold")
+    for _, name, _ in FINAL_COLUMNS:
+        table.add_column(name, justify="right")
+    for d in run_dirs:
+        summary = json.loads((d / "summary.json").read_text())
+        for run, s in summary["runs"].items():
+            table.add_row(d.name, run, *(_fmt(s.get(k), f) for k, _, f in FINAL_COLUMNS))
+    return table
