@@ -7,6 +7,13 @@ work starts, and hashed (:func:`config_hash`) to name the run directory.
 Every model forbids unknown keys and is frozen. Validation errors are turned into a single line
 that names the dotted key and what is allowed (:class:`ConfigError`); the CLI prints it and exits
 with code 2.
+
+The hash (:func:`config_hash`) covers only fields that differ from their defaults, so adding a
+field with a default renames no run directory.
+
+This module is longer than 400 lines because it is the whole schema (one small pydantic model
+per section) plus the one place that loads, overrides and hashes it: splitting it would scatter
+the schema that ``--help`` and every error message walk.
 """
 
 from __future__ import annotations
@@ -352,6 +359,36 @@ class AuditConfig(_Section):
     attack: AuditAttackConfig = AuditAttackConfig()
 
 
+class PluginsConfig(_Section):
+    """Training plug-ins (:mod:`fedmem.methods`). Built-in ones get their own section here as
+    they arrive; FedProx's term is ``train.proximal_mu``."""
+
+    external: list[str] = Field(
+        default_factory=list,
+        description="extra plug-ins as 'package.module:Class' (fedmem.methods.Plugin subclasses)",
+    )
+
+
+class CheckpointConfig(_Section):
+    """Which rounds' models a run keeps (round 0 and the final round always)."""
+
+    rounds: list[int] = Field(default_factory=list, description="rounds whose models are kept")
+    every: int = Field(0, ge=0, description="also keep every k-th round (0: off)")
+    client_updates: bool = Field(
+        False, description="keep every round's client updates on the server (FedEraser)"
+    )
+    update_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="precision of the stored client updates"
+    )
+
+    @field_validator("rounds")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(r < 0 for r in v):
+            raise ValueError(f"{v}: rounds must be >= 0")
+        return sorted(set(v))
+
+
 class OutputConfig(_Section):
     dir: Path = Field(Path("runs"), description="parent folder of run directories")
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name prefix")
@@ -367,6 +404,8 @@ class ExperimentConfig(_Section):
     analysis: AnalysisConfig = AnalysisConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     audit: AuditConfig = AuditConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    checkpoints: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -511,16 +550,54 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def config_hash(cfg: ExperimentConfig) -> str:
-    """sha256 of the resolved config without what does not change the run's results: the
-    ``output`` section (where results go), ``data.cache_dir`` and ``audit.attack`` (how a
-    finished run is attacked afterwards)."""
-    d = to_dict(cfg)
-    d.pop("output", None)
-    d["data"].pop("cache_dir", None)
-    d["audit"].pop("attack", None)
-    if not any(d["audit"].values()):  # no audit records: hash as before the section existed
-        d.pop("audit")
+# Keys that never change a run's results: where results go, where caches live, how a finished
+# run is attacked afterwards.
+NOT_HASHED = ("output", "data.cache_dir", "audit.attack")
+
+
+def _plain(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def non_default(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``model`` whose value differs from their default, as nested plain data
+    (sections compared field by field, recursively; keys in :data:`NOT_HASHED` left out)."""
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        key = f"{prefix}{name}"
+        if key in NOT_HASHED:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = non_default(value, key + ".")
+            if sub:
+                out[name] = sub
+            continue
+        plain = _plain(value if not isinstance(value, Path) else str(value))
+        default = field.get_default(call_default_factory=True)
+        if plain != _plain(default if not isinstance(default, Path) else str(default)):
+            out[name] = plain
+    return out
+
+
+def config_hash(cfg: ExperimentConfig, only: tuple[str, ...] | None = None) -> str:
+    """sha256 (hex) of the config's non-default fields (:func:`non_default`).
+
+    The one hash policy: the run directory (``<name>-<hash8>``) and the ExampleTable cache
+    (``only=`` the keys the table depends on) both use it. Because fields equal to their
+    defaults are left out, adding a config field with a default renames no existing run
+    directory (open_lth's rule). ``only``: dotted keys to restrict the hash to.
+    """
+    d = non_default(cfg)
+    if only is not None:
+        picked: dict[str, Any] = {}
+        for key in only:
+            node: Any = d
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                picked[key] = node
+        d = picked
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -78,3 +78,27 @@ def test_help_lists_sections():
         "seed",
     ):
         assert section in text
+
+
+def test_hash_covers_only_non_default_fields():
+    """A new field with a default (here: a whole new section) renames no run directory."""
+    from pydantic import create_model
+
+    from fedmem.config import ExperimentConfig, PluginsConfig, non_default
+
+    cfg = load(REPO / "configs" / "default.yaml")
+    assert non_default(cfg) == {
+        "data": {"noise": {"rate": 0.2}, "canaries": {"count": 10, "repeats": 4, "num_clients": 2}}
+    }
+    explicit = load(
+        REPO / "configs" / "default.yaml", ["checkpoints.every=0", "train.lr=0.05", "seed=0"]
+    )
+    assert config_hash(explicit) == config_hash(cfg)  # defaults written out: same run
+    assert config_hash(load(REPO / "configs" / "default.yaml", ["checkpoints.every=2"])) != (
+        config_hash(cfg)
+    )
+    Extended = create_model(  # noqa: N806 - a config class with one more section
+        "Extended", __base__=ExperimentConfig, newsection=(PluginsConfig, PluginsConfig())
+    )
+    extended = Extended.model_validate(cfg.model_dump())
+    assert config_hash(extended) == config_hash(cfg)

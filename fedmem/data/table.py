@@ -16,8 +16,6 @@ audit canaries that were drawn in. Never-inserted reference canaries, every audi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmem.config import ExperimentConfig, to_dict
+from fedmem.config import ExperimentConfig, config_hash
 from fedmem.data import corrupt
 from fedmem.data.partition import partition
 from fedmem.data.sources import Source, load_source
@@ -290,16 +288,13 @@ def _audit_split(
     return _AuditSplit(pool, pool_member, cx, cy.astype(np.int64), canary_member, canary_client)
 
 
+TABLE_KEYS = ("seed", "data", "partition", "federation.num_clients", "audit")
+
+
 def table_key(cfg: ExperimentConfig) -> str:
-    """Hash of everything the table depends on: seed, data (not its cache), partition, clients."""
-    d = to_dict(cfg)
-    d["data"].pop("cache_dir", None)
-    key = [d["seed"], d["data"], d["partition"], d["federation"]["num_clients"]]
-    audit = {k: v for k, v in d["audit"].items() if k != "attack"}
-    if any(audit.values()):
-        key.append(audit)
-    blob = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Hash of everything the table depends on: seed, data (not its cache), partition, clients,
+    audit records (:func:`fedmem.config.config_hash` restricted to :data:`TABLE_KEYS`)."""
+    return config_hash(cfg, only=TABLE_KEYS)[:16]
 
 
 def cached_table(cfg: ExperimentConfig) -> ExampleTable:
