@@ -37,6 +37,11 @@ class EngineTiming:
     simulation_s: float  # run_simulation, rounds and evaluations included
 
 
+def client_threads(num_cpus: float) -> int:
+    """Torch threads of one client: its ``num_cpus`` (at least 1), on either backend."""
+    return max(1, int(num_cpus))
+
+
 def _quiet_logs() -> None:
     for name in ("flwr", "ray", "filelock"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -84,7 +89,8 @@ def _run_local(job: FederatedJob) -> EngineTiming:
     from fedmem.federation.local_grid import RUN_ID, LocalGrid
 
     t0 = time.perf_counter()
-    grid = LocalGrid(client_app.app, job.cfg.federation.num_clients)
+    fed = job.cfg.federation
+    grid = LocalGrid(client_app.app, fed.num_clients, client_threads(fed.client_resources.num_cpus))
     context = Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config={})
     make_server_app(job)(grid, context)
     _check(job)
@@ -112,7 +118,7 @@ def _run_ray(job: FederatedJob) -> EngineTiming:
     if ray.is_initialized():
         ray.shutdown()
     resources = cfg.federation.client_resources
-    _init_ray(cfg.federation.ray_address, max(1, int(resources.num_cpus)))
+    _init_ray(cfg.federation.ray_address, client_threads(resources.num_cpus))
     t1 = time.perf_counter()
     try:
         run_simulation(

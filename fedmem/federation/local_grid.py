@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -26,10 +27,16 @@ FIRST_NODE_ID = 1000  # node ids must differ from SUPERLINK_NODE_ID
 
 
 class LocalGrid(Grid):
-    """Node ``FIRST_NODE_ID + k`` holds partition ``k``."""
+    """Node ``FIRST_NODE_ID + k`` holds partition ``k``.
 
-    def __init__(self, client_app: ClientApp, num_nodes: int):
+    ``client_threads``: torch threads while a client runs (as a Ray actor with ``num_cpus``
+    would use; the driver's own count is restored afterwards), so both backends compute the
+    same floating-point numbers.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, client_threads: int | None = None):
         self.client_app = client_app
+        self.client_threads = client_threads
         self.contexts = {
             node_id: Context(
                 run_id=RUN_ID,
@@ -71,6 +78,9 @@ class LocalGrid(Grid):
         meta["_message_id"] = str(uuid4())
         meta["_created_at"] = time.time()
         context = self.contexts[msg.metadata.dst_node_id]
+        driver_threads = torch.get_num_threads()
+        if self.client_threads:
+            torch.set_num_threads(self.client_threads)
         try:
             reply = self.client_app(msg, context)
         except Exception as ex:  # reported, not raised, as in Flower's simulation runtime
@@ -78,6 +88,8 @@ class LocalGrid(Grid):
             reply = Message(
                 Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
             )
+        finally:
+            torch.set_num_threads(driver_threads)
         return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
