@@ -124,6 +124,18 @@ class Observer:
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
+    def restore(self, rows: list[Row]) -> None:
+        """Continue a resumed run whose rows so far are ``rows``: ``wall_s`` goes on from the
+        last row's, and probes that keep results (``restore(round)``) reload them."""
+        self.rows = list(rows)
+        if not rows:
+            return
+        self._t0 = time.perf_counter() - float(rows[-1].get("wall_s") or 0.0)
+        for probe in self.probes:
+            restore = getattr(probe, "restore", None)
+            if restore is not None:
+                restore(int(rows[-1]["round"]))
+
     def __call__(self, round_: int, model: nn.Module, **extra: Any) -> Row:
         metrics, train_logits = evaluate_logits(model, self.table, self.batch_size)
         row = {"run": self.run, "round": round_, **metrics, **extra}

@@ -1,10 +1,13 @@
 """``python -m fedmem.simulate``: the main job.
 
-    python -m fedmem.simulate [--config FILE] [--out DIR] [--force] [key=value ...]
+    python -m fedmem.simulate [--config FILE] [--out DIR] [--force] [--wait [S]] [key=value ...]
 
 Loads and validates the config (bad input: one line, exit code 2, nothing written), builds the
 ExampleTable, runs the experiment into ``<out>/<name>-<hash8>/`` (:mod:`fedmem.runs.experiment`)
-and prints the final table. A complete run directory is reused unless ``--force``.
+and prints the final table. A complete run directory is reused unless ``--force``; an
+interrupted one (killed, Ctrl-C, power loss) continues from its last checkpoint when the same
+command is run again. Ctrl-C stops with one line and exit code 130. Another ``simulate`` of
+the same run makes this one exit with code 2 (or wait, with ``--wait``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.errors import InputError
 from fedmem.reporting.tables import runs_table
 from fedmem.runs.experiment import run_or_load
+from fedmem.runs.rundir import RunDir
 
 DEFAULT_CONFIG = Path("configs") / "default.yaml"
 
@@ -50,6 +54,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="recompute a complete run")
     parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=-1.0,
+        default=0.0,
+        metavar="S",
+        help="if another process is running this config, wait for it (S seconds at most; "
+        "no value: as long as it takes) instead of exiting with code 2",
+    )
+    parser.add_argument(
         "--recipe",
         default=None,
         help="run a named experiment recipe from "
@@ -76,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
     err = Console(stderr=True)
+    wait = None if args.wait < 0 else args.wait
+    cfg = None
     try:
         cfg = load_config(args)
         if args.recipe is not None:
@@ -83,10 +99,19 @@ def main(argv: list[str] | None = None) -> int:
 
             run_recipe(args.recipe, cfg, console, force=args.force)
             return 0
-        rd, summary = run_or_load(cfg, console, args.force)
+        rd, summary = run_or_load(cfg, console, args.force, wait=wait)
     except InputError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        where = f" ({RunDir.for_config(cfg).path})" if cfg is not None else ""
+        err.print(
+            f"interrupted: the partial run{where} is kept; run the same command again to resume",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 130
     console.print(runs_table(summary["runs"], title=f"{cfg.output.name}  ({rd.path})"))
     if (cfg.audit.pool or cfg.audit.canaries) and "audit" not in summary:
         console.print(f"privacy audit of this run: python -m fedmem.audit {rd.path}")

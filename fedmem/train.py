@@ -10,15 +10,17 @@ own examples by ascending key. Orders are thus independent across clients, the c
 federated run see their examples in the same relative order (common random numbers), and a
 single client holding all the data trains exactly like the central run.
 
-Hooks (:class:`TrainHook`) are where regularizers plug in: ``prepare`` may wrap the model and
-optimizer, ``extra_loss`` adds a term to the mini-batch loss (ELR, penalties), ``after_step``
-runs after every optimizer step.
+Training plug-ins (:class:`fedmem.methods.Plugin`: FedProx's term, and the methods of the next
+issues) are called with a :class:`~fedmem.methods.RoundContext` / ``BatchContext`` saying which
+run, round, client, epoch and table rows: ``begin_round`` may wrap the model and optimizer,
+``penalty`` adds a data-independent term, ``extra_loss`` a batch term, ``after_step`` runs
+after every optimizer step and ``end_round`` after the last one.
 
 Record-level differential privacy (``dp=``, a :class:`fedmem.privacy.dp.DPSession`) turns the
 same loop into DP-SGD through Opacus: batches are Poisson-sampled (:func:`poisson_batch`, keyed
 like :func:`keyed_order`, so a single client holding all the data samples exactly like the
 central run), each example's gradient is clipped and Gaussian noise is added. See
-``fedmem/privacy/dp.py``.
+``fedmem/privacy/dp/``.
 """
 
 from __future__ import annotations
@@ -32,34 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmem.config import TrainConfig
+from fedmem.methods.base import BatchContext, Plugin, RoundContext
 from fedmem.seeding import torch_gen
 
 if TYPE_CHECKING:
     from fedmem.privacy.dp import DPSession
 
 BatchOrder = Callable[[int], torch.Tensor]  # epoch -> permutation of local positions
-
-
-class TrainHook:
-    """Base class of training-loop plug-ins; override only what you need."""
-
-    def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        return model, optimizer
-
-    def extra_loss(
-        self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor | None:
-        """An additional loss term for the batch of table rows ``rows`` (or None).
-
-        With record-level DP it must be per example (shape ``(batch,)``, added to each
-        example's cross-entropy before clipping); a scalar is refused there.
-        """
-        return None
-
-    def after_step(self, model: nn.Module) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -103,15 +84,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}")
 
 
-def proximal_term(model: nn.Module, anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx's (mu / 2) * ||w - w_global||^2 (Li et al. 2020, Eq. 2)."""
-    sq = sum(
-        ((p - a) ** 2).sum()
-        for p, a in zip((p for p in model.parameters() if p.requires_grad), anchor, strict=True)
-    )
-    return 0.5 * mu * sq  # type: ignore[return-value]
-
-
 def train_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -122,17 +94,19 @@ def train_epochs(
     optimizer: torch.optim.Optimizer | None = None,
     rows: torch.Tensor | None = None,
     epochs: int | None = None,
-    anchor: Sequence[torch.Tensor] | None = None,
-    hooks: Sequence[TrainHook] = (),
+    plugins: Sequence[Plugin] = (),
+    context: RoundContext | None = None,
     dp: DPSession | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) passes over (x, y).
 
     ``order(epoch)`` gives the visit order of the local examples (:func:`keyed_order`).
     ``x``/``y`` live on the model's device. ``rows`` are the ExampleTable row ids of ``x`` (for
-    hooks keyed by example); ``anchor`` is the global model for the proximal term when
-    ``cfg.proximal_mu > 0``. Pass ``optimizer`` to keep its state across calls (central run);
-    otherwise a fresh one is made (a federated client starts each round afresh).
+    plug-ins keyed by example). Pass ``optimizer`` to keep its state across calls (central
+    run); otherwise a fresh one is made (a federated client starts each round afresh).
+
+    ``plugins`` act in the given order with ``context`` (default: a central round-0 context
+    over ``rows``); their loss terms are added to the cross-entropy in that order.
 
     ``dp``: record-level DP-SGD for this call (one trainer, one round): Poisson batches replace
     ``order``, the step is clipped and noised by Opacus, ``dp.steps`` counts the steps taken
@@ -141,15 +115,35 @@ def train_epochs(
     n = len(y)
     epochs = cfg.local_epochs if epochs is None else epochs
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    for hook in hooks:
-        model, optimizer = hook.prepare(model, optimizer)
     if rows is None:
         rows = torch.arange(n)
-    use_prox = cfg.proximal_mu > 0 and anchor is not None
+    ctx = context if context is not None else RoundContext("central", 0, None, rows, n)
+    for plugin in plugins:
+        model, optimizer = plugin.begin_round(ctx, model, optimizer)
     model.train()
     if dp is not None:
-        prox_anchor = anchor if use_prox else None
-        return _train_dp(model, x, y, cfg, dp, optimizer, rows, epochs, prox_anchor, hooks)
+        result = _train_dp(model, x, y, cfg, dp, optimizer, rows, epochs, plugins, ctx)
+    else:
+        result = _train(model, x, y, cfg, order, optimizer, rows, epochs, plugins, ctx)
+    for plugin in plugins:
+        plugin.end_round(ctx, model, result)
+    return result
+
+
+def _train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    order: BatchOrder,
+    optimizer: torch.optim.Optimizer,
+    rows: torch.Tensor,
+    epochs: int,
+    plugins: Sequence[Plugin],
+    ctx: RoundContext,
+) -> TrainResult:
+    """The plain loop body: keyed batch order, mean cross-entropy plus plug-in terms."""
+    n = len(y)
     total = torch.zeros((), device=x.device)
     visits, steps = 0, 0
     for epoch in range(epochs):
@@ -158,31 +152,39 @@ def train_epochs(
             idx = perm[start : start + cfg.batch_size]
             idx_dev = idx.to(x.device)
             xb, yb = x[idx_dev], y[idx_dev]
+            bctx = BatchContext(ctx, epoch, steps, rows[idx]) if plugins else None
             logits = model(xb)
             ce = F.cross_entropy(logits, yb)
             loss = ce
-            if use_prox:
-                loss = loss + proximal_term(model, anchor, cfg.proximal_mu)  # type: ignore[arg-type]
-            for hook in hooks:
-                extra = hook.extra_loss(model, logits, yb, rows[idx])
+            for plugin in plugins:
+                term = plugin.penalty(bctx, model)  # type: ignore[arg-type]
+                if term is not None:
+                    loss = loss + term
+            for plugin in plugins:
+                extra = plugin.extra_loss(bctx, model, logits, yb)  # type: ignore[arg-type]
                 if extra is not None:
                     loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for hook in hooks:
-                hook.after_step(model)
+            for plugin in plugins:
+                plugin.after_step(bctx, model)  # type: ignore[arg-type]
             total += ce.detach() * len(idx)
             visits += len(idx)
             steps += 1
     return TrainResult(loss=float(total) / max(visits, 1), examples=visits, steps=steps)
 
 
-def _poisson_batches(dp: DPSession, rows: torch.Tensor, epochs: int) -> Iterator[torch.Tensor]:
+def _poisson_batches(
+    dp: DPSession, rows: torch.Tensor, epochs: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     table_size = dp.table_size if dp.table_size is not None else len(rows)
     for epoch in range(epochs):
         for step in range(dp.steps_per_epoch):
-            yield poisson_batch(dp.seed, dp.round, epoch, step, rows, table_size, dp.sample_rate)
+            yield (
+                epoch,
+                poisson_batch(dp.seed, dp.round, epoch, step, rows, table_size, dp.sample_rate),
+            )
 
 
 def _train_dp(
@@ -194,21 +196,31 @@ def _train_dp(
     optimizer: torch.optim.Optimizer,
     rows: torch.Tensor,
     epochs: int,
-    anchor: Sequence[torch.Tensor] | None,
-    hooks: Sequence[TrainHook],
+    plugins: Sequence[Plugin],
+    ctx: RoundContext,
 ) -> TrainResult:
-    """DP-SGD version of the loop body: Poisson batches, per-example clipping, noise."""
+    """DP-SGD version of the loop body: Poisson batches, per-example clipping, noise.
+
+    Plug-in penalties depend on no example: their gradients are added after the noise
+    (:meth:`~fedmem.methods.Plugin.penalty_grad_`), unclipped. ``extra_loss`` terms must be
+    per example and are clipped with the example's cross-entropy.
+    """
     if dp.n_local != len(y):
         raise ValueError(f"DPSession was made for {dp.n_local} examples, got {len(y)}")
-    proximal = (anchor, cfg.proximal_mu) if anchor is not None else None
     total = torch.zeros((), device=x.device)
     visits, steps = 0, 0
     with dp.attach(model, optimizer) as private:
-        for idx in _poisson_batches(dp, rows, epochs):
+        for epoch, idx in _poisson_batches(dp, rows, epochs):
+            bctx = BatchContext(ctx, epoch, steps, rows[idx])
+
+            def after_noise(bctx: BatchContext = bctx) -> None:
+                for plugin in plugins:
+                    plugin.penalty_grad_(bctx, model)
+
             if len(idx) == 0:  # still a step: noise only
-                private.empty_step(proximal)
-                for hook in hooks:
-                    hook.after_step(model)
+                private.empty_step(after_noise if plugins else None)
+                for plugin in plugins:
+                    plugin.after_step(bctx, model)
                 steps += 1
                 continue
             idx_dev = idx.to(x.device)
@@ -216,19 +228,19 @@ def _train_dp(
             logits = private.forward(xb)
             ce = F.cross_entropy(logits, yb, reduction="none")
             loss = ce
-            for hook in hooks:
-                extra = hook.extra_loss(model, logits, yb, rows[idx])
+            for plugin in plugins:
+                extra = plugin.extra_loss(bctx, model, logits, yb)
                 if extra is not None:
                     if extra.shape != ce.shape:
                         raise ValueError(
-                            f"{type(hook).__name__}.extra_loss: with record-level DP it must "
+                            f"plug-in {plugin.name!r}: extra_loss with record-level DP must "
                             f"return per-example losses of shape {tuple(ce.shape)}, got "
                             f"{tuple(extra.shape)}"
                         )
                     loss = loss + extra
-            private.step(loss, proximal)
-            for hook in hooks:
-                hook.after_step(model)
+            private.step(loss, after_noise if plugins else None)
+            for plugin in plugins:
+                plugin.after_step(bctx, model)
             total += ce.detach().sum()
             visits += len(idx)
             steps += 1

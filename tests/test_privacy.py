@@ -14,6 +14,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedmem.config import ExperimentConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedmem.errors import ConfigError
+from fedmem.methods import Plugin
+from fedmem.methods.proximal import Proximal
 from fedmem.models import build_model
 from fedmem.privacy.dp import (
     AccountantHistory,
@@ -26,7 +28,7 @@ from fedmem.privacy.dp import (
     resolve_noise_multiplier,
     validate_record_level,
 )
-from fedmem.train import TrainHook, keyed_order, poisson_batch, train_epochs
+from fedmem.train import keyed_order, poisson_batch, train_epochs
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -340,28 +342,33 @@ def test_proximal_term_and_hooks_under_dp():
     for mu in (0.0, 10.0):
         m = copy.deepcopy(start)
         cfg = TrainConfig(lr=0.1, batch_size=8, proximal_mu=mu, local_epochs=3)
-        train_epochs(m, x, y, cfg, _order(n), anchor=anchor, dp=_session(n, 8, noise=0.3))
+        plugins = [Proximal(mu)] if mu else []
+        train_epochs(m, x, y, cfg, _order(n), plugins=plugins, dp=_session(n, 8, noise=0.3))
         dist[mu] = float(
             sum(((p.detach() - a) ** 2).sum() for p, a in zip(m.parameters(), anchor, strict=True))
         )
     assert dist[10.0] < 0.5 * dist[0.0]
 
-    class PerExample(TrainHook):
+    class PerExample(Plugin):
+        name = "per-example"
         calls = 0
 
-        def extra_loss(self, model, logits, targets, rows):
+        def extra_loss(self, ctx, model, logits, targets):
             PerExample.calls += 1
+            assert len(ctx.rows) == len(targets)
             return 0.1 * logits.pow(2).mean(1)
 
-    class Scalar(TrainHook):
-        def extra_loss(self, model, logits, targets, rows):
+    class Scalar(Plugin):
+        name = "scalar"
+
+        def extra_loss(self, ctx, model, logits, targets):
             return logits.pow(2).mean()
 
     cfg = TrainConfig(batch_size=8)
-    train_epochs(_model("mlp"), x, y, cfg, _order(n), hooks=[PerExample()], dp=_session(n, 8))
+    train_epochs(_model("mlp"), x, y, cfg, _order(n), plugins=[PerExample()], dp=_session(n, 8))
     assert PerExample.calls > 0
     with pytest.raises(ValueError, match="per-example"):
-        train_epochs(_model("mlp"), x, y, cfg, _order(n), hooks=[Scalar()], dp=_session(n, 8))
+        train_epochs(_model("mlp"), x, y, cfg, _order(n), plugins=[Scalar()], dp=_session(n, 8))
 
 
 def test_dp_training_learns():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from fedmem.config import ModelConfig, TrainConfig
+from fedmem.methods import Plugin
+from fedmem.methods.proximal import Proximal, proximal_term
 from fedmem.models import build_model
-from fedmem.train import TrainHook, keyed_order, proximal_term, train_epochs
+from fedmem.train import keyed_order, train_epochs
 
 
 def _data(n: int = 512, d: int = 20, classes: int = 4, seed: int = 0):
@@ -66,7 +68,7 @@ def test_proximal_term_pulls_towards_anchor():
             y,
             TrainConfig(lr=0.1, batch_size=32, proximal_mu=mu, local_epochs=3),
             _order(len(y)),
-            anchor=anchor,
+            plugins=[Proximal(mu)] if mu else [],  # its anchor: the weights at round start
         )
         dist[mu] = float(proximal_term(m, anchor, 2.0).detach())  # = ||w - w0||^2
     assert dist[10.0] < 0.5 * dist[0.0]
@@ -82,19 +84,26 @@ def test_adam_and_weight_decay_run_and_differ():
     assert not torch.allclose(out[0], out[1])
 
 
-def test_hooks_see_rows_and_add_loss():
+def test_plugins_see_rows_and_add_loss():
     x, y = _data(n=64)
     seen: list[torch.Tensor] = []
+    epochs: list[int] = []
 
-    class Probe(TrainHook):
+    class Probe(Plugin):
+        name = "probe"
         steps = 0
+        ended = 0
 
-        def extra_loss(self, model, logits, targets, rows):
-            seen.append(rows.clone())
+        def extra_loss(self, ctx, model, logits, targets):
+            seen.append(ctx.rows.clone())
+            epochs.append(ctx.epoch)
             return 5.0 * logits.pow(2).mean()  # strong penalty: logits shrink
 
-        def after_step(self, model):
+        def after_step(self, ctx, model):
             Probe.steps += 1
+
+        def end_round(self, ctx, model, result):
+            Probe.ended += 1
 
     rows = torch.arange(1000, 1064)
     m = _model()
@@ -105,10 +114,11 @@ def test_hooks_see_rows_and_add_loss():
         TrainConfig(batch_size=16, lr=0.05),
         _order(len(y)),
         rows=rows,
-        hooks=[Probe()],
+        plugins=[Probe()],
         epochs=5,
     )
-    assert Probe.steps == 20
+    assert Probe.steps == 20 and Probe.ended == 1
+    assert epochs == [e for e in range(5) for _ in range(4)]
     assert torch.equal(torch.sort(torch.cat(seen[:4])).values, rows)
     plain = _model()
     train_epochs(plain, x, y, TrainConfig(batch_size=16, lr=0.05), _order(len(y)), epochs=5)

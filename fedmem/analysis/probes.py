@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,18 +30,41 @@ from fedmem.analysis.trajectories import (
 )
 from fedmem.config import GradientGeometryConfig
 from fedmem.data.table import ExampleTable
+from fedmem.runs.checkpoints import save_atomic
 from fedmem.seeding import np_rng
 
 
 class TrajectoryProbe:
-    """Records :func:`~fedmem.analysis.tracking.example_stats` of every round."""
+    """Records :func:`~fedmem.analysis.tracking.example_stats` of every round.
 
-    def __init__(self, table: ExampleTable):
+    With ``spill_dir`` each round's statistics are also written to ``round-XXXXX.pt`` there
+    (about 10 bytes per example), so a resumed run reloads the rounds it had
+    (:meth:`restore`) instead of rewriting the whole history after every round.
+    """
+
+    def __init__(self, table: ExampleTable, spill_dir: Path | None = None):
         self.table = table
         self.recorder = TrajectoryRecorder()
+        self.spill_dir = spill_dir
+
+    def _path(self, round_: int) -> Path:
+        return self.spill_dir / f"round-{round_:05d}.pt"  # type: ignore[operator]
 
     def __call__(self, round_: int, model: nn.Module, train_logits: torch.Tensor) -> None:
-        self.recorder.record(round_, train_logits, self.table.y_obs, self.table.y_true)
+        stats = self.recorder.record(round_, train_logits, self.table.y_obs, self.table.y_true)
+        if self.spill_dir is not None:
+            save_atomic(stats, self._path(round_))
+
+    def restore(self, last_round: int) -> None:
+        """Reload the spilled rounds ``<= last_round`` (in order); drop later ones."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return
+        for path in sorted(self.spill_dir.glob("round-*.pt")):
+            r = int(path.stem.split("-")[1])
+            if r <= last_round:
+                self.recorder.add(r, torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                path.unlink()
 
 
 class GradientProbe:

@@ -3,8 +3,11 @@
 Each message carries the resolved experiment config (JSON in the ConfigRecord under
 ``"experiment"``); the client rebuilds the ExampleTable from it (cached on disk by its hash and
 in the actor's memory), takes its own rows by partition id, and trains them exactly as the
-central run would (same loop, same batch-order keys). State that must survive rounds lives in
-``context.state`` (here: the number of rounds this client has trained).
+central run would (same loop, same batch-order keys). State that must survive rounds (rounds
+trained, the DP accountant history, training plug-ins' state) is a
+:class:`~fedmem.federation.client_state.ClientState` in ``context.state``, and, when the
+server names a ``state-dir``, in the client's own state files too (so a resumed run continues
+exactly).
 
 Message handlers:
 - ``query``: reply with the partition id (the server maps random node ids to partitions).
@@ -18,20 +21,21 @@ import os
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmem import config as config_mod
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
+from fedmem.federation.client_state import current_state, save_state
+from fedmem.methods import RoundContext, build_plugins
+from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import experiment_model, resolve_device
 from fedmem.seeding import np_rng
 from fedmem.train import keyed_order, train_epochs
 
 app = ClientApp()
 
-_STATE_KEY = "fedmem"
-_DP_KEY = "fedmem-dp-accountant"
 THREADS_ENV = "FEDMEM_CLIENT_THREADS"
 _cache: dict[str, tuple[ExperimentConfig, ExampleTable]] = {}
 
@@ -85,9 +89,12 @@ def train(msg: Message, context: Context) -> Message:
     model = experiment_model(cfg, table.input_shape, table.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
-    anchor = None
-    if cfg.train.proximal_mu > 0:
-        anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    state_dir = str(conf["state-dir"]) if "state-dir" in conf else None
+    state = current_state(context.state, state_dir, pid, round_)
+    plugins = build_plugins(cfg, "federated")
+    for plugin in plugins:
+        plugin.load_state_dict(state.plugins.get(plugin.name, {}))
 
     rows = table.client_rows(pid)
     x, y = table.x[rows].to(device), table.y_obs[rows].to(device)
@@ -96,8 +103,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.record_level:
         from fedmem.privacy.dp import AccountantHistory, DPSession
 
-        # the accountant persists across rounds in context.state: epsilon composes
-        history = AccountantHistory.from_record(context.state.get(_DP_KEY))
+        # the accountant persists across rounds in the client's state: epsilon composes
+        history = AccountantHistory.from_record(state.dp)
         dp = DPSession.create(
             cfg.privacy,
             cfg.train,
@@ -107,11 +114,14 @@ def train(msg: Message, context: Context) -> Message:
             stream=pid,
             table_size=len(table),
         )
-    result = train_epochs(model, x, y, cfg.train, order, rows=rows, anchor=anchor, dp=dp)
+    ctx = RoundContext("federated", round_, pid, rows, len(table), cfg.seed)
+    result = train_epochs(
+        model, x, y, cfg.train, order, rows=rows, plugins=plugins, context=ctx, dp=dp
+    )
     privacy: dict[str, float] = {}
     if dp is not None and history is not None:
         history.record(dp)
-        context.state[_DP_KEY] = ConfigRecord(history.to_record())
+        state.dp = history.to_record()
         privacy = {
             "epsilon": float(history.epsilon(dp.delta, cfg.privacy.accountant)),
             "delta": float(dp.delta),
@@ -121,9 +131,13 @@ def train(msg: Message, context: Context) -> Message:
             "dp-steps-total": history.steps,
         }
 
-    state = context.state.get(_STATE_KEY)
-    rounds_trained = int(state["rounds-trained"]) + 1 if state is not None else 1
-    context.state[_STATE_KEY] = ConfigRecord({"rounds-trained": rounds_trained})
+    state.round = round_
+    state.rounds_trained += 1
+    state.plugins = {plugin.name: plugin.state_dict() for plugin in plugins}
+    state.to_context(context.state)
+    if state_dir is not None:
+        save_state(state_dir, pid, state)
+    rounds_trained = state.rounds_trained
 
     metrics = MetricRecord(
         {
@@ -137,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-s": time.perf_counter() - t0,
             "unit-weight": 1,  # uniform aggregation for user-level DP-FedAvg
             **privacy,
+            **plugin_metrics(plugins),
         }
     )
     model.cpu()

@@ -32,7 +32,9 @@ from fedmem.data.table import ExampleTable
 from fedmem.models.factory import init_model
 from fedmem.observer import Observer
 from fedmem.privacy.epsilon import INF, json_epsilon
+from fedmem.runs.checkpoints import ModelCheckpoints, UpdateLog, cpu_state
 from strategies import RoundReport, build_strategy, clients_per_round
+from strategies.state import load_strategy_state, strategy_state
 
 ROUND_TIMEOUT_S = 3600.0
 
@@ -47,9 +49,12 @@ class FederatedJob:
     client_sink: Callable[[dict[str, Any]], None] = lambda row: None
     gradient_sink: Callable[[dict[str, Any]], None] | None = None  # client-update geometry
     on_round: Callable[[int, dict[str, Any]], None] | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # restored ones first on resume
     final_state: dict[str, Any] | None = None  # global model weights after the last round
     error: BaseException | None = None
+    checkpoints: ModelCheckpoints | None = None  # kept rounds + resume state (run directory)
+    updates: UpdateLog | None = None  # every round's client updates (checkpoints.client_updates)
+    state_dir: str | None = None  # where clients keep their own state files (resume)
 
 
 def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
@@ -143,6 +148,19 @@ class PrivacyLedger:
             return float("inf")
         return self.user.epsilon(self.user_delta, self.cfg.privacy.accountant)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "client_eps": {str(k): v for k, v in self.client_eps.items()},
+            "user": self.user.to_record() if self.user is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from fedmem.privacy.dp import AccountantHistory
+
+        self.client_eps = {int(k): float(v) for k, v in state["client_eps"].items()}
+        if self.user is not None:
+            self.user = AccountantHistory.from_record(state["user"])
+
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"epsilon": INF}
         if self.cfg.privacy.record_level:
@@ -152,20 +170,64 @@ class PrivacyLedger:
         return out
 
 
+def run_rounds(
+    strategy: Any,
+    grid: Grid,
+    arrays: ArrayRecord,
+    first_round: int,
+    num_rounds: int,
+    train_config: ConfigRecord,
+    evaluate_fn: Callable[[int, ArrayRecord], Any],
+    timeout: float = ROUND_TIMEOUT_S,
+) -> ArrayRecord:
+    """Rounds ``first_round..num_rounds`` of Flower's ``Strategy.start`` loop.
+
+    The same calls in the same order as ``flwr.serverapp.strategy.Strategy.start`` (configure,
+    send and receive, aggregate; client-side evaluation when the strategy asks for it; the
+    server-side ``evaluate_fn``), which always starts at round 1 and so cannot resume a run.
+    Round 0's evaluation (the initial model) happens when ``first_round == 1``.
+    """
+    if first_round == 1:
+        evaluate_fn(0, arrays)
+    for r in range(first_round, num_rounds + 1):
+        replies = grid.send_and_receive(
+            strategy.configure_train(r, arrays, train_config, grid), timeout=timeout
+        )
+        aggregated, _ = strategy.aggregate_train(r, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        evaluate = list(strategy.configure_evaluate(r, arrays, ConfigRecord(), grid))
+        if evaluate:
+            strategy.aggregate_evaluate(r, grid.send_and_receive(evaluate, timeout=timeout))
+        evaluate_fn(r, arrays)
+    return arrays
+
+
 def run_job(job: FederatedJob, grid: Grid) -> None:
     cfg, table = job.cfg, job.table
     strategy, core = build_strategy(cfg)
     core.set_nodes(partition_map(grid, cfg.federation.num_clients))
     privacy = PrivacyLedger(cfg)
     model = init_model(cfg, table)
-    initial = ArrayRecord(model.state_dict())
     examples = 0
+    first_round = 1
+    resume = job.checkpoints.load_resume() if job.checkpoints is not None else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        load_strategy_state(strategy, resume["strategy"])
+        privacy.load_state_dict(resume["privacy"])
+        examples = int(resume["examples"])
+        first_round = int(resume["round"]) + 1
+    initial = ArrayRecord(model.state_dict() if resume is None else resume["arrays"])
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal examples
         report = core.fm_reports.get(server_round)
         if report is not None and job.gradient_sink is not None:
             update_geometry(report, model, server_round, job.gradient_sink)
+        if report is not None and job.updates is not None:
+            clients = {pid: a.to_torch_state_dict() for pid, a in report.arrays.items()}
+            job.updates.save(server_round, model.state_dict(), clients)
         if report is not None:
             report.arrays.clear()  # client models are not kept past their round
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -193,6 +255,17 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
         extra.update(privacy.fields())
         row = job.observer(server_round, model, examples=examples, **extra)
         job.rows.append(row)
+        if job.checkpoints is not None:
+            state = {
+                "model": cpu_state(model),
+                # the global arrays exactly as the strategy passes them on (FedOpt's are
+                # float64, the model's float32): the next round must start from these
+                "arrays": arrays.to_torch_state_dict(),
+                "strategy": strategy_state(strategy),
+                "privacy": privacy.state_dict(),
+                "examples": examples,
+            }
+            job.checkpoints.save_round(server_round, state, kept_keys=("model",))
         if job.on_round:
             job.on_round(server_round, row)
         return MetricRecord(
@@ -203,14 +276,21 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
             }
         )
 
-    job.observer.start()
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.train.rounds,
-        timeout=ROUND_TIMEOUT_S,
-        train_config=ConfigRecord({"experiment": json.dumps(to_dict(cfg))}),
-        evaluate_fn=evaluate_fn,
+    if resume is None:
+        job.observer.start()
+    elif job.on_round and job.rows:
+        job.on_round(first_round - 1, job.rows[-1])
+    train_config = {"experiment": json.dumps(to_dict(cfg))}
+    if job.state_dir is not None:
+        train_config["state-dir"] = job.state_dir
+    run_rounds(
+        strategy,
+        grid,
+        initial,
+        first_round,
+        cfg.train.rounds,
+        ConfigRecord(train_config),
+        evaluate_fn,
     )
     # evaluate_fn loaded the last global weights into ``model``
     job.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

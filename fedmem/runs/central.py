@@ -3,19 +3,29 @@
 Central round ``r`` makes the same example visits as federated round ``r`` at full
 participation (``train.local_epochs`` passes over every training row), so both runs' curves
 share one x-axis. Both runs start from :func:`fedmem.models.init_model`'s weights.
+
+With ``checkpoints`` (a :class:`~fedmem.runs.checkpoints.ModelCheckpoints`) the run keeps the
+chosen rounds (weights and optimizer state) and, after every round, a resume state (weights,
+optimizer, accountant history, plug-in state, counters); a run restarted after being killed
+continues from it and ends exactly as an uninterrupted one (every random draw is keyed by
+seed and round, so nothing else needs restoring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
+from fedmem.methods import RoundContext, build_plugins
+from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import init_model, resolve_device
 from fedmem.observer import Observer
 from fedmem.privacy.epsilon import privacy_fields
+from fedmem.runs.checkpoints import ModelCheckpoints, cpu_state
 from fedmem.train import keyed_order, make_optimizer, train_epochs
 
 
@@ -24,6 +34,7 @@ def run_central(
     table: ExampleTable,
     observer: Observer,
     on_round: Callable[[int, dict], None] | None = None,
+    checkpoints: ModelCheckpoints | None = None,
 ) -> nn.Module:
     """Train on all rows of ``table`` for ``cfg.train.rounds`` rounds; observe every round.
 
@@ -33,25 +44,57 @@ def run_central(
     device = resolve_device(cfg.train.device)
     model = init_model(cfg, table).to(device)
     optimizer = make_optimizer(model, cfg.train)
+    plugins = build_plugins(cfg, "central")
     x, y = table.x.to(device), table.y_obs.to(device)
     rows = table.ids
-    history = dp_delta = None
+    history: Any = None
+    dp_delta = None
     if cfg.privacy.record_level:
         from fedmem.privacy.dp import AccountantHistory, DPSession
 
         history = AccountantHistory()
-    observer.start()
-    row = observer(
-        0,
-        model,
-        round_loss=None,
-        examples=0,
-        **privacy_fields(history, None, cfg.privacy.accountant),
-    )
-    if on_round:
-        on_round(0, row)
     examples = 0
-    for r in range(1, cfg.train.rounds + 1):
+
+    def save(r: int) -> None:
+        if checkpoints is None:
+            return
+        state = {
+            "model": cpu_state(model),
+            "optimizer": optimizer.state_dict(),
+            "examples": examples,
+            "dp": history.to_record() if history is not None else None,
+            "dp_delta": dp_delta,
+            "plugins": {p.name: p.state_dict() for p in plugins},
+        }
+        checkpoints.save_round(r, state, kept_keys=("model", "optimizer"))
+
+    resume = checkpoints.load_resume() if checkpoints is not None else None
+    if resume is None:
+        start = 0
+        observer.start()
+        row = observer(
+            0,
+            model,
+            round_loss=None,
+            examples=0,
+            **privacy_fields(history, None, cfg.privacy.accountant),
+        )
+        save(0)
+    else:
+        start = int(resume["round"])
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        examples = int(resume["examples"])
+        if history is not None:
+            history = AccountantHistory.from_record(resume["dp"])
+            dp_delta = resume["dp_delta"]
+        for p in plugins:
+            p.load_state_dict(resume["plugins"].get(p.name, {}))
+        observer.last_state = cpu_state(model)
+        row = observer.rows[-1] if observer.rows else None  # restored by the orchestrator
+    if on_round and row is not None:
+        on_round(start, row)
+    for r in range(start + 1, cfg.train.rounds + 1):
         order = keyed_order(cfg.seed, r, rows, len(table))
         dp = None
         if history is not None:
@@ -65,12 +108,27 @@ def run_central(
                 table_size=len(table),
             )
             dp_delta = dp.delta
-        res = train_epochs(model, x, y, cfg.train, order, optimizer=optimizer, rows=rows, dp=dp)
+        ctx = RoundContext("central", r, None, rows, len(table), cfg.seed)
+        res = train_epochs(
+            model,
+            x,
+            y,
+            cfg.train,
+            order,
+            optimizer=optimizer,
+            rows=rows,
+            plugins=plugins,
+            context=ctx,
+            dp=dp,
+        )
         if dp is not None:
             history.record(dp)
         examples += res.examples
         privacy = privacy_fields(history, dp_delta, cfg.privacy.accountant)
-        row = observer(r, model, round_loss=res.loss, examples=examples, **privacy)
+        row = observer(
+            r, model, round_loss=res.loss, examples=examples, **privacy, **plugin_metrics(plugins)
+        )
+        save(r)
         if on_round:
             on_round(r, row)
     return model

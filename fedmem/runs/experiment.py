@@ -26,6 +26,8 @@ from fedmem.observer import Observer
 from fedmem.reporting.report import render_report
 from fedmem.reporting.tables import summarize_rows
 from fedmem.runs.central import run_central
+from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
+from fedmem.runs.lock import RunLock
 from fedmem.runs.rundir import RunDir
 
 
@@ -76,7 +78,12 @@ def run_experiment(
     """Run every part of the experiment into ``rd`` and return summary.json's content."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    rd.start(cfg)
+    models = ["central"] + (["federated"] if cfg.federation.enabled else [])
+    policy = keep_policy(cfg)
+    ckpts = {m: ModelCheckpoints(rd.path, m, policy) for m in models}
+    resumed = rd.begin(cfg, ckpts, cfg.train.rounds)
+    for m, r in resumed.items():
+        console.print(f"resuming {m} from its checkpoint of round {r} ({rd.path})")
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     with _progress(console) as progress:
@@ -95,41 +102,54 @@ def run_experiment(
         def observer(run: str) -> Observer:
             probes: list = []
             if cfg.analysis.track_examples:
-                trajectories[run] = TrajectoryProbe(table)
+                trajectories[run] = TrajectoryProbe(table, rd.partial_dir / "trajectories" / run)
                 probes.append(trajectories[run])
             if cfg.analysis.gradients.enabled:
                 probes.append(
                     GradientProbe(table, cfg.analysis.gradients, cfg.seed, run, gradient_sink)
                 )
-            observers[run] = Observer(
-                table, run, rd.append_metrics, cfg.train.eval_batch_size, probes
-            )
-            return observers[run]
+            obs = Observer(table, run, rd.append_metrics, cfg.train.eval_batch_size, probes)
+            obs.restore([r for r in rd.read_metrics() if r["run"] == run])
+            observers[run] = obs
+            return obs
 
         def gradient_sink(row: dict) -> None:
             rd.append_jsonl("gradients.jsonl", row)
 
-        run_central(cfg, table, observer("central"), tracker("central"))
+        run_central(cfg, table, observer("central"), tracker("central"), ckpts["central"])
         if cfg.federation.enabled:
-            from fedmem.federation.engine import run_federated
             from fedmem.federation.server_app import FederatedJob
 
+            fed_obs = observer("federated")
             job = FederatedJob(
                 cfg,
                 table,
-                observer("federated"),
+                fed_obs,
                 client_sink=lambda row: rd.append_jsonl("clients.jsonl", row),
                 gradient_sink=gradient_sink if cfg.analysis.gradients.enabled else None,
                 on_round=tracker("federated"),
+                rows=list(fed_obs.rows),
+                checkpoints=ckpts["federated"],
+                updates=UpdateLog(rd.path, cfg.checkpoints.update_dtype)
+                if cfg.checkpoints.client_updates
+                else None,
+                state_dir=str(rd.path / "client_state"),
             )
-            progress.console.print("federated: starting Ray and the Flower simulation ...")
-            eng = run_federated(job)
-            timing = {
-                "ray_start_s": round(eng.ray_start_s, 3),
-                "federated_simulation_s": round(eng.simulation_s, 3),
-            }
+            if resumed.get("federated") == cfg.train.rounds:
+                job.final_state = ckpts["federated"].load_resume()["model"]  # type: ignore[index]
+                fed_obs.last_state = job.final_state
+            else:
+                from fedmem.federation.engine import run_federated
+
+                progress.console.print("federated: starting Ray and the Flower simulation ...")
+                eng = run_federated(job)
+                timing = {
+                    "ray_start_s": round(eng.ray_start_s, 3),
+                    "federated_simulation_s": round(eng.simulation_s, 3),
+                }
     for run, obs in observers.items():
-        rd.save_checkpoint(run, obs.last_state)
+        if obs.last_state is not None:
+            ckpts[run].save_final(obs.last_state)
     rows = rd.read_metrics()
     runs = {
         name: summarize_rows([r for r in rows if r["run"] == name])
@@ -177,6 +197,7 @@ def run_experiment(
         )
         summary["memorization_scores"] = memorization_scores_stage(cfg, table, rd.path, console)
         summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    summary["checkpoints"] = checkpoint_summary(cfg, rd, ckpts)
     rd.write_json("summary.json", summary)
     render_report(rd.path)
     rd.finish()
@@ -230,13 +251,46 @@ def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict
     return out
 
 
+def keep_policy(cfg: ExperimentConfig) -> KeepPolicy:
+    c = cfg.checkpoints
+    return KeepPolicy(final=cfg.train.rounds, rounds=frozenset(c.rounds), every=c.every)
+
+
+def checkpoint_summary(
+    cfg: ExperimentConfig, rd: RunDir, ckpts: dict[str, ModelCheckpoints]
+) -> dict:
+    """summary.json's ``checkpoints``: kept rounds per model and the disk they take."""
+    out: dict = {m: {"rounds": c.kept_rounds(), "bytes": c.kept_bytes()} for m, c in ckpts.items()}
+    if cfg.checkpoints.client_updates:
+        log = UpdateLog(rd.path, cfg.checkpoints.update_dtype)
+        sizes = log.sizes()
+        out["client_updates"] = {
+            "dtype": cfg.checkpoints.update_dtype,
+            "rounds": len(sizes),
+            "bytes_per_round": round(sum(sizes.values()) / max(len(sizes), 1)),
+            "bytes": sum(sizes.values()),
+        }
+    return out
+
+
 def run_or_load(
-    cfg: ExperimentConfig, console: Console, force: bool = False
+    cfg: ExperimentConfig, console: Console, force: bool = False, wait: float | None = 0.0
 ) -> tuple[RunDir, dict]:
-    """The experiment's run directory and summary: computed, or reused when complete."""
+    """The experiment's run directory and summary: computed, resumed, or reused when complete.
+
+    One process at a time per run directory (:class:`~fedmem.runs.lock.RunLock`): another
+    ``simulate`` of the same config waits ``wait`` seconds for it (None: as long as it takes),
+    then exits with code 2.
+    """
     rd = RunDir.for_config(cfg)
     if rd.complete and not force:
         console.print(f"cached: {rd.path} is complete (use --force to recompute)")
         return rd, rd.read_summary()
-    table = prepare(cfg)
-    return rd, run_experiment(cfg, table, rd, console)
+    table = prepare(cfg)  # bad input fails here, before the run directory exists
+    with RunLock(rd.path, wait=wait):
+        if rd.complete and not force:  # another process finished it meanwhile
+            console.print(f"cached: {rd.path} is complete (use --force to recompute)")
+            return rd, rd.read_summary()
+        if force:
+            rd.clear()
+        return rd, run_experiment(cfg, table, rd, console)

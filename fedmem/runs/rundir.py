@@ -1,9 +1,10 @@
 """Run directory ``<out>/<name>-<hash8>/``: cached, reproducible, never half-complete.
 
 Files: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one row per run and round),
-``summary.json``, ``checkpoints/<run>.pt`` (each run's final weights), and ``COMPLETE``,
-written last. A directory without ``COMPLETE`` is an
-interrupted run: it is cleared and redone. A complete one is reused unless ``force``.
+``summary.json``, ``checkpoints/`` (:mod:`fedmem.runs.checkpoints`), and ``COMPLETE``,
+written last. A directory without ``COMPLETE`` is an interrupted run: :meth:`RunDir.begin`
+continues it from its resume states (dropping what the killed process wrote after them), or,
+without any, clears it and starts afresh. A complete one is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from fedmem.config import ExperimentConfig, config_hash, to_dict
+from fedmem.runs.checkpoints import ModelCheckpoints, UpdateLog
 
 COMPLETE = "COMPLETE"
 
@@ -75,12 +77,93 @@ class RunDir:
     def for_config(cls, cfg: ExperimentConfig) -> RunDir:
         return cls(run_path(cfg))
 
+    @property
+    def partial_dir(self) -> Path:
+        """Working files of an unfinished run (per-round trajectories), removed at the end."""
+        return self.path / ".partial"
+
+    def clear(self) -> None:
+        """Empty the directory (``COMPLETE`` first, so it never looks complete meanwhile).
+
+        The directory itself stays: it carries the run's lock (:mod:`fedmem.runs.lock`)."""
+        if not self.path.is_dir():
+            return
+        (self.path / COMPLETE).unlink(missing_ok=True)
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def begin(
+        self, cfg: ExperimentConfig, checkpoints: dict[str, ModelCheckpoints], rounds: int
+    ) -> dict[str, int]:
+        """Start afresh, or continue an interrupted run of the same config.
+
+        Models are trained in the order of ``checkpoints``. Each one that has a resume state
+        continues from it (``{model: last completed round}`` is returned; ``rounds`` means
+        finished); rows, kept checkpoints and client updates written after those rounds (by
+        the killed process) are dropped so the resumed run appends exactly what an
+        uninterrupted one would have. Without any resume state the directory is cleared and
+        started afresh.
+        """
+        states: dict[str, int] = {}
+        if self._same_config(cfg):
+            for model, ckpt in checkpoints.items():
+                r = ckpt.resume_round()
+                if r is None:
+                    break
+                states[model] = r
+                if r < rounds:
+                    break
+        if not states:
+            self.start(cfg)
+            return {}
+
+        def keep(row: dict[str, Any], default_run: str) -> bool:
+            run = row.get("run", default_run)
+            return run in states and int(row["round"]) <= states[run]
+
+        for name, default_run in (
+            ("metrics.jsonl", ""),
+            ("gradients.jsonl", ""),
+            ("clients.jsonl", "federated"),
+        ):
+            self._truncate_jsonl(name, lambda row, d=default_run: keep(row, d))
+        for tmp in self.path.rglob(".*.tmp"):  # files the killed process was writing
+            tmp.unlink(missing_ok=True)
+        for model, ckpt in checkpoints.items():
+            ckpt.drop_rounds_after(states.get(model, -1))
+        UpdateLog(self.path).drop_after(states.get("federated", -1))
+        return states
+
+    def _same_config(self, cfg: ExperimentConfig) -> bool:
+        path = self.path / "config.yaml"
+        if self.complete or not path.is_file():
+            return False
+        try:
+            return yaml.safe_load(path.read_text()) == to_dict(cfg)
+        except yaml.YAMLError:
+            return False
+
+    def _truncate_jsonl(self, name: str, keep: Any) -> None:
+        """Rewrite ``name`` with the rows ``keep`` accepts; a torn last line is dropped."""
+        path = self.path / name
+        if not path.is_file():
+            return
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the line a killed process was writing
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows if keep(r))
+        atomic_write_text(path, text)
+
     def start(self, cfg: ExperimentConfig) -> None:
         """Begin a fresh run: clear any earlier (incomplete or forced) results, write config."""
-        if self.path.exists():
-            (self.path / COMPLETE).unlink(missing_ok=True)  # first: never looks complete
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        self.clear()
+        self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.metrics_path.touch()
 
@@ -105,26 +188,30 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
+    def read_config(self) -> ExperimentConfig:
+        """The run's resolved config (``config.yaml``)."""
+        from fedmem.config import build
+
+        return build(yaml.safe_load((self.path / "config.yaml").read_text()))
+
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / "summary.json").read_text())
 
     def checkpoint_path(self, run: str) -> Path:
         return self.path / "checkpoints" / f"{run}.pt"
 
-    def save_checkpoint(self, run: str, state: dict[str, Any] | None) -> None:
-        """The final weights of ``run`` (a state dict) as ``checkpoints/<run>.pt``."""
-        if state is None:
-            return
-        path = self.checkpoint_path(run)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-
     def load_checkpoint(self, run: str) -> dict[str, Any]:
-        """The weights saved by :meth:`save_checkpoint` (FileNotFoundError if absent)."""
+        """The final weights of model ``run`` (FileNotFoundError if absent)."""
         return torch.load(self.checkpoint_path(run), map_location="cpu", weights_only=True)
 
     def finish(self) -> None:
-        """Mark the run complete; call last, after every result file is written."""
+        """Mark the run complete; call last, after every result file is written. Working
+        files that only served a resume (resume states, client state files, per-round
+        trajectories) are removed first."""
+        for leftover in (
+            self.partial_dir,
+            self.path / "client_state",
+            self.path / "checkpoints" / "resume",
+        ):
+            shutil.rmtree(leftover, ignore_errors=True)
         atomic_write_text(self.path / COMPLETE, "")

@@ -10,7 +10,7 @@ trace afterwards. Also the choice of Opacus' per-sample-gradient mode
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -279,12 +279,12 @@ class PrivateStep:
     def step(
         self,
         loss_per_example: torch.Tensor,
-        proximal: tuple[Sequence[torch.Tensor], float] | None = None,
+        after_noise: Callable[[], None] | None = None,
     ) -> None:
         """Clip, noise and apply the gradient of ``loss_per_example`` (shape ``(batch,)``).
 
-        ``proximal = (anchor, mu)`` adds FedProx's data-independent ``mu (w - anchor)`` to the
-        noised gradient.
+        ``after_noise`` runs between the noise and the update: data-independent gradient terms
+        (plug-in penalties such as FedProx's ``mu (w - anchor)``) are added there, unclipped.
         """
         opt = self.optimizer
         with warnings.catch_warnings():
@@ -298,9 +298,9 @@ class PrivateStep:
                 DPTensorFastGradientClipping(self.hooks, opt, loss_per_example, "mean").backward()
             else:
                 loss_per_example.mean().backward()
-        self._finish(proximal)
+        self._finish(after_noise)
 
-    def empty_step(self, proximal: tuple[Sequence[torch.Tensor], float] | None = None) -> None:
+    def empty_step(self, after_noise: Callable[[], None] | None = None) -> None:
         """The step of an empty Poisson batch: no forward pass, noise only (as in Opacus).
 
         Feeds Opacus' optimizer a zero-example gradient (``grad_sample`` of batch size 0, or a
@@ -313,17 +313,14 @@ class PrivateStep:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
-        self._finish(proximal)
+        self._finish(after_noise)
 
-    def _finish(self, proximal: tuple[Sequence[torch.Tensor], float] | None) -> None:
+    def _finish(self, after_noise: Callable[[], None] | None) -> None:
         opt = self.optimizer
         if not opt.pre_step():  # clip + noise + scale; False only for skipped (virtual) steps
             raise RuntimeError("DP-SGD step was skipped unexpectedly")
-        if proximal is not None:
-            anchor, mu = proximal
-            with torch.no_grad():
-                for p, a in zip(_trainable(self.model), anchor, strict=True):
-                    p.grad.add_(p - a, alpha=mu)
+        if after_noise is not None:
+            after_noise()
         opt.original_optimizer.step()
         self.session.steps += 1
 
