@@ -138,6 +138,44 @@ def test_dp_violation_is_reported(audited, tmp_path, capsys):
     assert res["claims"][0]["violated"] is True and res["lower_bound"] > 0.01
 
 
+def test_audit_reads_lineage_records_and_names_what_shadows_miss(audited, tmp_path):
+    """A derived model (a copy of the federated weights, trained on from round 6 by a method
+    the shadows cannot imitate) is audited with the recipe of its record, and audit.json says
+    what its shadows do not simulate; its name decides nothing."""
+    import shutil
+
+    from fedmem.runs.records import ModelRecord, add_model
+
+    run_dir, _ = audited
+    run = tmp_path / run_dir.name
+    shutil.copytree(run_dir, run)
+    shutil.copy(run / "checkpoints" / "federated.pt", run / "checkpoints" / "odd-name.pt")
+    record = ModelRecord(
+        name="odd-name",
+        trainer="federated",
+        rounds=12,
+        checkpoint="checkpoints/odd-name.pt",
+        strategy="fedavg",
+        plugins=("elr",),
+        parent="federated@6",
+        method="finetune",
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    add_model(run, record, summary["runs"]["federated"])
+    overrides = ["audit.attack.shadows=4", "audit.attack.client_shadows=0"]
+    assert audit_main([str(run), *overrides, "--force"]) == 0
+    result = json.loads((run / "audit.json").read_text())
+    assert set(result["runs"]) == {"central", "federated", "odd-name"}
+    odd = result["shadows"]["odd-name"]
+    assert odd["recipe"] == "fedavg"
+    missing = " | ".join(odd["not_simulated"])
+    assert "starts from federated@6" in missing and "finetune" in missing and "elr" in missing
+    assert result["shadows"]["federated"]["not_simulated"] == []
+    # the derived model claims no DP guarantee of its own
+    claims = result["runs"]["odd-name"]["one_run_epsilon"]["claims"]
+    assert [c["accountant"] for c in claims] == ["none"]
+
+
 def test_dp_run_lower_bound_below_accountant(tmp_path):
     run_dir = _run(
         tmp_path,

@@ -100,8 +100,7 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join([*anchor, *([base] if base else [])])
                 targets = [
-                    f"{base}.{a.name}" if f"{base}.{a.name}" in fedmem else base
-                    for a in node.names
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in fedmem else base for a in node.names
                 ]
             deps |= {t for t in targets if t in fedmem and t != name}
         graph[name] = deps

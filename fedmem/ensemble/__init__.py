@@ -56,6 +56,7 @@ and inits), :mod:`~fedmem.ensemble.kernels` (``bmm`` and ``vmap`` gradients) and
 """
 
 from fedmem.ensemble.trainer import (
+    SIMULATED_PLUGINS,
     Backend,
     Ensemble,
     ensemble_keys,
@@ -65,6 +66,7 @@ from fedmem.ensemble.trainer import (
 )
 
 __all__ = [
+    "SIMULATED_PLUGINS",
     "Backend",
     "Ensemble",
     "ensemble_keys",

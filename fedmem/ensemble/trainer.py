@@ -26,6 +26,11 @@ from fedmem.seeding import derive_seed, torch_gen
 
 Backend = Literal["auto", "bmm", "vmap"]
 
+SIMULATED_PLUGINS: frozenset[str] = frozenset()
+"""Training plug-ins (:mod:`fedmem.methods`) that :func:`train_ensemble` reproduces. None yet:
+it runs plain SGD / Adam on the cross-entropy. Audits derive what their shadows leave out
+from this set (:func:`fedmem.runs.records.deviations`)."""
+
 # (model, example) pairs per forward pass in Ensemble.logits: bounds activation memory.
 _EVAL_PAIRS = 1 << 17
 

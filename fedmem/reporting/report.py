@@ -25,6 +25,31 @@ def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def _models_md(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The run's lineage records (:mod:`fedmem.runs.records`) as a table."""
+    if not models:
+        return []
+
+    def dp(m: dict[str, Any]) -> str:
+        kinds = [k for k, on in (("record", m.get("record_dp")), ("user", m.get("user_dp"))) if on]
+        return "+".join(kinds) or "-"
+
+    rows = [
+        [
+            name,
+            m.get("trainer"),
+            m.get("strategy") or "-",
+            ", ".join(m.get("plugins") or []) or "-",
+            dp(m),
+            m.get("parent") or "initialization",
+            m.get("method") or "-",
+        ]
+        for name, m in models.items()
+    ]
+    header = ["model", "trained", "strategy", "plug-ins", "DP", "starts from", "derived by"]
+    return ["## Models", "", md_table(header, rows), ""]
+
+
 def render_report(run_dir: str | Path) -> Path:
     """(Re)write ``report.md`` and ``plots/*.png`` of a run directory from its files."""
     from fedmem.reporting import plots
@@ -43,6 +68,7 @@ def render_report(run_dir: str | Path) -> Path:
             "",
         ]
     out += ["## Final metrics", "", _runs_md(summary["runs"]), ""]
+    out += _models_md(summary.get("models") or {})
     curves = plots.learning_curves(rows, run_dir / "plots" / "curves.png", summary.get("name", ""))
     out += [f"![learning curves]({curves.relative_to(run_dir)})", ""]
 

@@ -28,6 +28,7 @@ from fedmem.reporting.tables import summarize_rows
 from fedmem.runs.central import run_central
 from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
 from fedmem.runs.lock import RunLock
+from fedmem.runs.records import experiment_records
 from fedmem.runs.rundir import RunDir
 
 
@@ -182,6 +183,7 @@ def run_experiment(
             "canary_copies": int(table.is_canary.sum()),
         },
         "runs": runs,
+        "models": {n: r.to_dict() for n, r in experiment_records(cfg).items()},
         "analysis": analysis,
         "wall_s": round(time.perf_counter() - t0, 3),
         **timing,

@@ -12,19 +12,20 @@ from rich.console import Console
 
 from fedmem import config as config_mod
 from fedmem.config import ExperimentConfig
+from fedmem.ensemble import SIMULATED_PLUGINS
 from fedmem.models.factory import resolve_device
 from fedmem.privacy.audit.data import ShadowData, client_shadow_data, shadow_data
 from fedmem.privacy.audit.records import AuditedRun, check_auditable, load_model
 from fedmem.privacy.audit.report import headline
 from fedmem.privacy.audit.shadows import (
     ShadowModels,
-    recipe_deviations,
     shadow_masks,
     train_central_shadows,
     train_fedavg_shadows,
 )
 from fedmem.privacy.audit.target import audit_model
 from fedmem.progress import counting_bar
+from fedmem.runs.records import deviations, shadow_recipe
 from fedmem.runs.rundir import json_safe
 from fedmem.seeding import derive_seed
 
@@ -161,14 +162,15 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
     for name in run.runs:
         model = load_model(run, name, device)
         shadows = cand = None
-        recipe = "central" if name == "central" else "fedavg"
+        record = run.records[name]
+        recipe = shadow_recipe(record)
         if needs_shadows:
             shadows, cand = train_shadows(run, recipe, console)
             result["shadows"][name] = {
                 "recipe": recipe,
                 "models": len(shadows),
                 "train_s": round(shadows.train_s, 2),
-                "not_simulated": recipe_deviations(cfg, recipe),
+                "not_simulated": deviations(record, recipe, SIMULATED_PLUGINS),
             }
         client_sh = None
         if "client_membership" not in missing and cfg.audit.attack.client_shadows > 0:

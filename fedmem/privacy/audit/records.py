@@ -16,6 +16,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
 from fedmem.errors import InputError
 from fedmem.models.factory import experiment_model
+from fedmem.runs.records import ModelRecord, read_records
 from fedmem.runs.rundir import COMPLETE, RunDir
 
 # what each part of the audit needs in the run's config
@@ -37,8 +38,13 @@ class AuditedRun:
     summary: dict[str, Any]
 
     @property
+    def records(self) -> dict[str, ModelRecord]:
+        """Lineage records of the run's models (:mod:`fedmem.runs.records`)."""
+        return read_records(self.summary, self.cfg)
+
+    @property
     def runs(self) -> list[str]:
-        return list(self.summary.get("runs", {}))
+        return list(self.records)
 
 
 def attack_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -106,13 +112,16 @@ def check_auditable(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def load_model(run: AuditedRun, name: str, device: torch.device) -> nn.Module:
-    """The final model of run ``name`` (``central`` / ``federated``) from its checkpoint."""
+    """The final model ``name`` from the checkpoint its lineage record names."""
     model = experiment_model(run.cfg, run.table.input_shape, run.table.num_classes)
+    checkpoint = run.records[name].checkpoint
     try:
-        model.load_state_dict(run.rd.load_checkpoint(name))
+        model.load_state_dict(
+            torch.load(run.rd.path / checkpoint, map_location="cpu", weights_only=True)
+        )
     except (RuntimeError, OSError, KeyError) as e:
         raise InputError(
-            f"RUN_DIR: checkpoints/{name}.pt does not fit the run's model ({str(e)[:80]}); "
+            f"RUN_DIR: {checkpoint} does not fit the run's model ({str(e)[:80]}); "
             "rerun with python -m fedmem.simulate --force"
         ) from None
     return model.to(device).eval()

@@ -46,8 +46,9 @@ from typing import Literal
 import torch
 
 from fedmem.config import ExperimentConfig
-from fedmem.ensemble import Ensemble, member_init_state, train_ensemble
+from fedmem.ensemble import SIMULATED_PLUGINS, Ensemble, member_init_state, train_ensemble
 from fedmem.models.architectures import build_model
+from fedmem.runs.records import deviations, experiment_records
 from fedmem.seeding import derive_seed, np_rng
 from strategies import clients_per_round
 
@@ -123,22 +124,11 @@ class ShadowModels:
 
 
 def recipe_deviations(cfg: ExperimentConfig, recipe: Recipe) -> list[str]:
-    """What ``cfg``'s target does that the ``recipe`` shadows do not simulate (may be empty)."""
-    out: list[str] = []
-    if cfg.privacy.record_level:
-        out.append("privacy.record_level (DP-SGD) not simulated")
-    if recipe == "central":
-        return out
-    fed = cfg.federation
-    if fed.strategy != "fedavg":
-        out.append(f"federation.strategy={fed.strategy} simulated as plain fedavg")
-    if cfg.train.proximal_mu > 0:
-        out.append(f"train.proximal_mu={cfg.train.proximal_mu} (FedProx term) not simulated")
-    if fed.client_failure_rate > 0:
-        out.append(f"federation.client_failure_rate={fed.client_failure_rate} not simulated")
-    if cfg.privacy.user_level:
-        out.append("privacy.user_level (DP-FedAvg) not simulated")
-    return out
+    """What ``cfg``'s model trained like ``recipe`` does that the ``recipe`` shadows do not
+    simulate (may be empty), from its lineage record and :data:`SIMULATED_PLUGINS`."""
+    records = experiment_records(cfg)
+    record = records.get("central" if recipe == "central" else "federated")
+    return [] if record is None else deviations(record, recipe, SIMULATED_PLUGINS)
 
 
 # ---------------------------------------------------------------------------------------------

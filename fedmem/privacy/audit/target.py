@@ -110,7 +110,10 @@ def one_run_epsilon(
 ) -> dict[str, Any]:
     """Steinke et al. (2023) lower bounds from each attack's scores on the audit canaries."""
     att = run.cfg.audit.attack
-    claims = claimed_privacy(run.cfg, run.summary, name, len(run.table))
+    record = run.records[name]
+    # a model derived from another (pruned, unlearned, fine-tuned) claims nothing of its own
+    trained_as = record.trainer if record.parent is None and record.method is None else "derived"
+    claims = claimed_privacy(run.cfg, run.summary, trained_as, len(run.table))
     bounds = []
     for claim in claims:
         per_attack = {
