@@ -132,7 +132,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, extra, run, ro
     kept = sorted(p.name for p in (run_dir / "checkpoints" / "federated").iterdir())
     assert kept == ["round-00000.pt", "round-00002.pt", "round-00006.pt"]
     central = torch.load(run_dir / "checkpoints" / "central" / "round-00002.pt", weights_only=True)
-    assert set(central) == {"round", "model", "optimizer"} and central["round"] == 2
+    assert set(central) == {"round", "model", "optimizer", "plugins"} and central["round"] == 2
 
 
 def test_ctrl_c_exits_130_with_one_line_and_resumes(tmp_path):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-RUN_STYLE = {"central": "-", "federated": "--"}
+TRAINER_STYLE = {"central": "-", "federated": "--"}  # line style by how a model was trained
 CURVES = (
     ("test_acc", "test accuracy", "tab:blue"),
     ("noisy_true_acc", "mislabeled: predicted true label", "tab:green"),
@@ -32,14 +32,21 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def learning_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Test accuracy, noisy_true_acc and noisy_memorized over rounds; central solid,
-    federated dashed, on one axis (Liu et al. 2020, Fig. 1 style)."""
+def learning_curves(
+    rows: list[dict[str, Any]],
+    path: Path,
+    title: str = "",
+    trainers: dict[str, str] | None = None,
+) -> Path:
+    """Test accuracy, noisy_true_acc and noisy_memorized over rounds of every model with
+    metrics rows, on one axis (Liu et al. 2020, Fig. 1 style). Line style by how the model
+    was trained (``trainers``: model -> its lineage record's trainer): central solid,
+    federated dashed; a model derived from another (a record with a parent) dotted."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for run, style in RUN_STYLE.items():
+    trainers = trainers or {}
+    for run in dict.fromkeys(r["run"] for r in rows):
         rr = [r for r in rows if r["run"] == run]
-        if not rr:
-            continue
+        style = TRAINER_STYLE.get(trainers.get(run, run), ":")
         rounds = [r["round"] for r in rr]
         for key, label, color in CURVES:
             ys = [np.nan if r.get(key) is None else r[key] for r in rr]
@@ -59,11 +66,9 @@ def learning_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> 
 def gradient_heatmap(grad_rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Layer x round heatmap of cos(g_clean, g_mislabeled) (Maini et al. 2023, Fig. 2),
     one panel per run."""
-    runs = [
-        r
-        for r in RUN_STYLE
-        if any(g["run"] == r and g.get("kind", "examples") == "examples" for g in grad_rows)
-    ]
+    runs = list(
+        dict.fromkeys(g["run"] for g in grad_rows if g.get("kind", "examples") == "examples")
+    )
     if not runs:
         return None
     fig, axes = plt.subplots(

@@ -69,7 +69,13 @@ def render_report(run_dir: str | Path) -> Path:
         ]
     out += ["## Final metrics", "", _runs_md(summary["runs"]), ""]
     out += _models_md(summary.get("models") or {})
-    curves = plots.learning_curves(rows, run_dir / "plots" / "curves.png", summary.get("name", ""))
+    trainers = {
+        name: m["trainer"] if m.get("parent") is None else "derived"
+        for name, m in (summary.get("models") or {}).items()
+    }
+    curves = plots.learning_curves(
+        rows, run_dir / "plots" / "curves.png", summary.get("name", ""), trainers
+    )
     out += [f"![learning curves]({curves.relative_to(run_dir)})", ""]
 
     analysis = summary.get("analysis") or {}

@@ -66,7 +66,7 @@ def run_central(
             "dp_delta": dp_delta,
             "plugins": {p.name: p.state_dict() for p in plugins},
         }
-        checkpoints.save_round(r, state, kept_keys=("model", "optimizer"))
+        checkpoints.save_round(r, state, kept_keys=("model", "optimizer", "plugins"))
 
     resume = checkpoints.load_resume() if checkpoints is not None else None
     if resume is None:

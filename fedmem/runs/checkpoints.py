@@ -3,8 +3,9 @@
 Layout under ``<run>/checkpoints/``:
 
 - ``<model>/round-XXXXX.pt``: the rounds ``checkpoints.rounds`` / ``checkpoints.every`` keep,
-  always round 0 (the initialization) and the final round. ``{"round", "model"}`` plus
-  ``"optimizer"`` for a central run (its momentum persists across rounds).
+  always round 0 (the initialization) and the final round. ``{"round", "model"}`` plus, for a
+  central run, ``"optimizer"`` (its momentum persists across rounds) and ``"plugins"`` (each
+  training plug-in's state).
 - ``<model>.pt``: the final weights (a plain state dict; what the audit and reports load).
 - ``resume/<model>.pt``: everything needed to continue after the last completed round (the
   model, optimizer, plug-in and accountant state, strategy state, counters). Rewritten
