@@ -380,6 +380,12 @@ class CheckpointConfig(_Section):
     update_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="precision of the stored client updates"
     )
+    resume_every: int = Field(
+        1,
+        ge=0,
+        description="write the resume state every k rounds (0: only when a model is finished); "
+        "a killed run redoes the rounds since",
+    )
 
     @field_validator("rounds")
     @classmethod

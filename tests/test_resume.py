@@ -22,7 +22,7 @@ import torch
 from fedmem.runs.lock import RunLock
 from tests.conftest import REPO, small_overrides
 
-TIMING = {"wall_s", "train_s"}
+TIMING = {"wall_s", "train_s", "ray_start_s", "federated_simulation_s"}
 BASE = [
     "federation.backend=local",
     "train.rounds=6",
@@ -85,9 +85,25 @@ def _kill_when(cmd: list[str], out: Path, run: str, round_: int, sig: int) -> su
     return proc
 
 
+def _untimed(v):
+    if isinstance(v, dict):
+        return {k: _untimed(x) for k, x in v.items() if k not in TIMING}
+    if isinstance(v, list):
+        return [_untimed(x) for x in v]
+    return v
+
+
 def _same_outputs(a: Path, b: Path) -> None:
     for name in ("metrics.jsonl", "clients.jsonl", "gradients.jsonl"):
         assert _rows(a / name) == _rows(b / name), name
+    summaries = [_untimed(json.loads((d / "summary.json").read_text())) for d in (a, b)]
+    for s in summaries:
+        for part in s["checkpoints"].values():
+            part.pop("bytes")  # kept rounds must match; byte counts are not results
+    assert summaries[0] == summaries[1]
+    assert (a / "config.yaml").read_text().replace(str(a.parent), "OUT") == (
+        b / "config.yaml"
+    ).read_text().replace(str(b.parent), "OUT")
     ea, eb = np.load(a / "examples.npz"), np.load(b / "examples.npz")
     assert sorted(ea.files) == sorted(eb.files)
     for key in ea.files:
@@ -109,13 +125,14 @@ def _same_outputs(a: Path, b: Path) -> None:
         ([], "central", 3),
         ([], "federated", 3),
         (["privacy.record_level=true", "privacy.noise_multiplier=1.0"], "federated", 2),
+        (["checkpoints.resume_every=3", "federation.fraction_train=0.5"], "federated", 5),
         (
             ["federation.backend=ray", "federation.strategy=fedadam", "train.proximal_mu=0.01"],
             "federated",
             3,
         ),
     ],
-    ids=["central", "federated", "federated-dp", "ray-fedadam-prox"],
+    ids=["central", "federated", "federated-dp", "resume-every-3", "ray-fedadam-prox"],
 )
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, extra, run, round_):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"

@@ -136,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     state.plugins = {plugin.name: plugin.state_dict() for plugin in plugins}
     state.to_context(context.state)
     if state_dir is not None:
-        save_state(state_dir, pid, state)
+        save_state(state_dir, pid, state, keep=int(conf.get("state-keep", 2)))
     rounds_trained = state.rounds_trained
 
     metrics = MetricRecord(

@@ -10,8 +10,9 @@ client processes are new: each client then reads its state from its own files,
 ``<state_dir>/client-<pid>/round-<r>.pt``, written after every round it trains (in a real
 deployment this is the client device's own disk; the server never reads it). The server
 resumes from its last checkpoint ``k`` and the client takes its newest state file from a round
-``<= k``: a file from a round the server never completed is ignored. Each client keeps its two
-newest files (enough, since the server is never more than one round past its checkpoint).
+``<= k``: a file from a round the server never completed is ignored. Each client keeps its
+``keep`` newest files: the server names ``checkpoints.resume_every + 1``, enough since the
+server's resume state is never more than ``resume_every`` rounds old.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 _CONFIG_KEY = "fedmem-client"
 _ARRAYS_KEY = "fedmem-client-arrays"
 _FILE = re.compile(r"^round-(\d+)\.pt$")
-KEEP_FILES = 2
 
 
 @dataclass
@@ -97,15 +97,15 @@ def client_dir(state_dir: str | Path, pid: int) -> Path:
     return Path(state_dir) / f"client-{pid}"
 
 
-def save_state(state_dir: str | Path, pid: int, state: ClientState) -> Path:
-    """Write the state after round ``state.round`` (atomically) and drop older files."""
+def save_state(state_dir: str | Path, pid: int, state: ClientState, keep: int = 2) -> Path:
+    """Write the state after round ``state.round`` (atomically); keep the ``keep`` newest."""
     folder = client_dir(state_dir, pid)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{state.round:05d}.pt"
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     torch.save(state.to_dict(), tmp)
     tmp.replace(path)
-    for old in _files(folder)[:-KEEP_FILES]:
+    for old in _files(folder)[: -max(keep, 1)]:
         old[1].unlink(missing_ok=True)
     return path
 

@@ -283,6 +283,8 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
     train_config = {"experiment": json.dumps(to_dict(cfg))}
     if job.state_dir is not None:
         train_config["state-dir"] = job.state_dir
+        # a client's newest state file from a round <= the server's resume round must survive
+        train_config["state-keep"] = max(cfg.checkpoints.resume_every, 1) + 1
     run_rounds(
         strategy,
         grid,

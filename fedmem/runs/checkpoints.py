@@ -9,7 +9,8 @@ Layout under ``<run>/checkpoints/``:
 - ``<model>.pt``: the final weights (a plain state dict; what the audit and reports load).
 - ``resume/<model>.pt``: everything needed to continue after the last completed round (the
   model, optimizer, plug-in and accountant state, strategy state, counters). Rewritten
-  atomically after every round; a run killed at any point restarts from it.
+  atomically after every ``checkpoints.resume_every`` rounds (default 1) and the final one; a
+  run killed at any point restarts from it (and redoes the rounds after it).
 - ``updates/round-XXXXX.pt`` (``checkpoints.client_updates``): each successful client's update
   ``w_client - w_global`` of that round, ``{partition_id: {key: tensor}}`` in
   ``checkpoints.update_dtype``, for unlearning baselines that replay history (FedEraser).
@@ -72,11 +73,17 @@ def _rounds_in(folder: Path) -> list[int]:
 
 @dataclass(frozen=True)
 class KeepPolicy:
-    """Which rounds' models are kept: 0 and ``final`` always, ``rounds``, every ``every``."""
+    """Which rounds' models are kept: 0 and ``final`` always, ``rounds``, every ``every``;
+    and after which rounds the resume state is written: every ``resume_every`` rounds (0:
+    only after the final round, so a finished model is never retrained) and the final one."""
 
     final: int
     rounds: frozenset[int] = frozenset()
     every: int = 0
+    resume_every: int = 1
+
+    def resumes(self, round_: int) -> bool:
+        return round_ == self.final or (self.resume_every > 0 and round_ % self.resume_every == 0)
 
     def keeps(self, round_: int) -> bool:
         return (
@@ -106,11 +113,13 @@ class ModelCheckpoints:
 
     def save_round(self, round_: int, resume: dict[str, Any], kept_keys: tuple[str, ...]) -> None:
         """After round ``round_``: keep the round if the policy says so (``kept_keys`` of
-        ``resume``: the weights, and the optimizer centrally), then the resume state."""
+        ``resume``: the weights, and centrally the optimizer and plug-in state), then the
+        resume state (when the policy says so)."""
         if self.policy.keeps(round_):
             kept = {"round": round_, **{k: resume[k] for k in kept_keys}}
             save_atomic(kept, self.round_path(round_))
-        save_atomic({"round": round_, **resume}, self.resume_path)
+        if self.policy.resumes(round_):
+            save_atomic({"round": round_, **resume}, self.resume_path)
 
     def save_final(self, weights: dict[str, torch.Tensor]) -> None:
         save_atomic(weights, self.final_path)

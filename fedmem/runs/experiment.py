@@ -255,7 +255,12 @@ def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict
 
 def keep_policy(cfg: ExperimentConfig) -> KeepPolicy:
     c = cfg.checkpoints
-    return KeepPolicy(final=cfg.train.rounds, rounds=frozenset(c.rounds), every=c.every)
+    return KeepPolicy(
+        final=cfg.train.rounds,
+        rounds=frozenset(c.rounds),
+        every=c.every,
+        resume_every=c.resume_every,
+    )
 
 
 def checkpoint_summary(

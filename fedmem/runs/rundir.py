@@ -135,6 +135,9 @@ class RunDir:
         for model, ckpt in checkpoints.items():
             ckpt.drop_rounds_after(states.get(model, -1))
         UpdateLog(self.path).drop_after(states.get("federated", -1))
+        for path in self.path.glob("client_state/client-*/round-*.pt"):
+            if int(path.stem.split("-")[1]) > states.get("federated", -1):
+                path.unlink()  # a client's state from a round the server will redo
         return states
 
     def _same_config(self, cfg: ExperimentConfig) -> bool:
