@@ -1,5 +1,3 @@
-import sys
+from fedmem.simulate import exit_with, main
 
-from fedmem.simulate import main
-
-sys.exit(main())
+exit_with(main())

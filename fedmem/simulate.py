@@ -13,7 +13,9 @@ the same run makes this one exit with code 2 (or wait, with ``--wait``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -118,5 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """``sys.exit(code)``; after Ctrl-C without waiting for threads that cannot finish.
+
+    An interrupted federated run leaves Flower's ServerApp thread waiting for client replies
+    that will never come (Ray's actors got the same SIGINT); everything the run keeps is
+    already on disk (atomic writes), so the process ends at once instead of hanging.
+    """
+    if code == 130:
+        stuck = [
+            t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+        ]
+        if stuck:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
