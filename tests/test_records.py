@@ -127,3 +127,22 @@ def test_client_updates_are_kept_and_replay_the_aggregation(tmp_path, dtype):
     cu = summary["checkpoints"]["client_updates"]
     sizes = [(ck / "updates" / f"round-{r:05d}.pt").stat().st_size for r in (1, 2, 3)]
     assert cu["rounds"] == 3 and cu["bytes"] == sum(sizes) and cu["dtype"] == dtype
+
+
+def test_memorization_stage_lists_what_the_ensemble_does_not_simulate(tmp_path):
+    from rich.console import Console
+
+    from fedmem.analysis.pipeline import memorization_scores_stage
+    from fedmem.data.table import cached_table
+
+    cfg = config.load(
+        REPO / "configs" / "default.yaml",
+        small_overrides(tmp_path)
+        + [
+            "analysis.memorization_scores.models=4",
+            "analysis.memorization_scores.epochs=1",
+            'plugins.external=["tests.plugins:CallCounter"]',
+        ],
+    )
+    out = memorization_scores_stage(cfg, cached_table(cfg), tmp_path, Console(quiet=True))
+    assert out["example"]["not_simulated"] == ["plug-in counter not simulated"]

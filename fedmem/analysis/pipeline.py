@@ -22,9 +22,10 @@ from fedmem.analysis.memorization import client_subset_masks, memorization_repor
 from fedmem.analysis.trajectories import table_groups
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
-from fedmem.ensemble import train_ensemble
+from fedmem.ensemble import SIMULATED_PLUGINS, train_ensemble
 from fedmem.models.factory import resolve_device
 from fedmem.progress import counting_bar
+from fedmem.runs.records import deviations, experiment_records
 from fedmem.runs.rundir import json_safe
 from fedmem.seeding import derive_seed, np_rng
 
@@ -108,6 +109,10 @@ def memorization_scores_stage(
                 "spearman_mem_confidence": s.get("spearman_mem_confidence"),
                 "spearman_mem_agreement": s.get("spearman_mem_agreement"),
                 "histogram": str(hist.relative_to(run_dir)),
+                # the ensemble trains like the central run, minus what it cannot simulate
+                "not_simulated": deviations(
+                    experiment_records(cfg)["central"], "central", SIMULATED_PLUGINS
+                ),
             }
         )
         console.print(
