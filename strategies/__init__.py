@@ -107,8 +107,8 @@ class SeededServerSideDP(flwr_strategy.DifferentialPrivacyServerSideFixedClippin
 
     Flower draws the Gaussian noise from numpy's global RNG; this seeds it from
     ``(seed, "user-dp", round)`` just before aggregating, so the same config gives the same
-    noise. Accounting is fedmem's (Opacus RDP at q = clients per round / clients, over the
-    rounds actually released).
+    noise. Accounting is fedmem's (Opacus RDP at q = 1, see
+    :func:`~strategies.sampling.user_dp_sampling`, over the rounds actually released).
 
     Failures: Flower's wrapper skips a round's aggregation when any reply is an error, and
     scales the noise by the *planned* number of clients. Here the error replies are recorded

@@ -38,6 +38,25 @@ def sample_partitions(
     return sorted(int(c) for c in chosen)
 
 
+def user_dp_sampling(per_round: int, num_clients: int) -> tuple[float, str]:
+    """The client sampling rate a user-level DP accountant may use for
+    :func:`sample_partitions`, and a sentence saying why.
+
+    Amplification by subsampling holds for the sampling actually used. Poisson sampling at
+    rate q may be accounted at q; :func:`sample_partitions` draws a fixed-size set without
+    replacement, which may not be accounted as Poisson (the RDP bounds differ, and Flower's own
+    accountant for DP-FedAvg with fixed-size sampling refuses amplification). So every round is
+    accounted at q = 1: an upper bound on epsilon, never an understatement.
+    """
+    if per_round >= num_clients:
+        return 1.0, f"all {num_clients} clients every round (q = 1)"
+    return 1.0, (
+        f"fixed-size sample of {per_round} of {num_clients} clients without replacement, "
+        f"accounted without amplification (q = 1; Poisson accounting at q = "
+        f"{per_round / num_clients:.3g} would not hold for this sampling)"
+    )
+
+
 @dataclass
 class RoundReport:
     """What happened in one training round, as the server saw it."""

@@ -98,6 +98,29 @@ def test_user_level_epsilon_is_opacus_rdp_over_rounds(tmp_path):
     assert all(r["epsilon"] == "inf" for r in rows)
 
 
+def test_user_level_epsilon_with_half_the_clients_per_round_is_not_amplified(tmp_path):
+    """fraction_train=0.5 samples a fixed-size set without replacement: that sampling may not
+    be accounted as Poisson at q = 0.5, so the user epsilon is RDP at q = 1 over the rounds."""
+    rows, clients, summary = _run(
+        tmp_path,
+        "train.rounds=3",
+        "federation.fraction_train=0.5",
+        "privacy.user_level=true",
+        "privacy.user_noise_multiplier=1.5",
+    )
+    fed = [r for r in rows if r["run"] == "federated"]
+    assert all(r["clients_sampled"] == 2 for r in fed[1:])  # 2 of 4 clients per round
+    for r in fed[1:]:
+        assert r["user_epsilon"] == pytest.approx(
+            _fresh_epsilon([(1.5, 1.0, r["round"])], 1 / 40), rel=1e-9
+        )
+        # what Poisson accounting at q = 0.5 would have claimed is smaller
+        assert r["user_epsilon"] > _fresh_epsilon([(1.5, 0.5, r["round"])], 1 / 40)
+    user = summary["privacy"]["user_level"]
+    assert user["sample_rate"] == 1.0 and user["clients_per_round"] == 2
+    assert "without amplification" in user["sampling"]
+
+
 def test_user_level_dp_with_client_failures(tmp_path, monkeypatch):
     """Failed clients are dropped, the others aggregated with noise for their own count
     (std z * C / n_ok), and only released rounds are accounted."""

@@ -34,6 +34,7 @@ from fedmem.observer import Observer
 from fedmem.privacy.epsilon import INF, json_epsilon
 from fedmem.runs.checkpoints import ModelCheckpoints, UpdateLog, cpu_state
 from strategies import RoundReport, build_strategy, clients_per_round
+from strategies.sampling import user_dp_sampling
 from strategies.state import load_strategy_state, strategy_state
 
 ROUND_TIMEOUT_S = 3600.0
@@ -120,7 +121,9 @@ class PrivacyLedger:
     Record-level: every client reports the epsilon of its own accountant (composed over all
     its rounds, kept in its context.state); a client not sampled keeps its last value; the
     run's ``epsilon`` is the largest. User-level (DP-FedAvg): an Opacus RDP accountant over
-    the released rounds at q = clients per round / clients, noise ``user_noise_multiplier``.
+    the released rounds, noise ``user_noise_multiplier``, at the sampling rate
+    :func:`strategies.sampling.user_dp_sampling` allows for the fixed-size client sample
+    (q = 1: no amplification).
     Without DP epsilon is "inf" (never 0).
     """
 
@@ -133,7 +136,7 @@ class PrivacyLedger:
 
             self.user = AccountantHistory()
             n = cfg.federation.num_clients
-            self.q = clients_per_round(cfg) / n
+            self.q, self.sampling = user_dp_sampling(clients_per_round(cfg), n)
             self.user_delta = cfg.privacy.user_delta or 1.0 / (10 * n)
 
     def observe(self, report: RoundReport) -> None:

@@ -30,6 +30,7 @@ from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
 from fedmem.runs.lock import RunLock
 from fedmem.runs.records import experiment_records
 from fedmem.runs.rundir import RunDir
+from strategies.sampling import user_dp_sampling
 
 
 def prepare(cfg: ExperimentConfig) -> ExampleTable:
@@ -242,12 +243,16 @@ def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict
         import strategies
 
         n = cfg.federation.num_clients
+        per_round = strategies.clients_per_round(cfg)
+        q, sampling = user_dp_sampling(per_round, n)
         out["user_level"] = {
             "epsilon": fed[-1].get("user_epsilon") if fed else None,
             "delta": p.user_delta or 1.0 / (10 * n),
             "noise_multiplier": p.user_noise_multiplier,
             "clip_norm": p.user_clip_norm,
-            "sample_rate": strategies.clients_per_round(cfg) / n,
+            "clients_per_round": per_round,
+            "sample_rate": q,  # the rate the accountant used
+            "sampling": sampling,
             "rounds_released": sum(1 for r in fed[1:] if not r.get("round_lost")),
         }
     return out
