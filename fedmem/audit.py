@@ -16,9 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from fedmem.errors import InputError
+from fedmem.progress import cli_console
 
 VIOLATION_EXIT = 3
 
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         help="attack settings, e.g. audit.attack.shadows=64 audit.attack.epsilon_attack=loss",
     )
     args = parser.parse_args(argv)
-    console, err = Console(), Console(stderr=True)
+    console, err = cli_console(), cli_console(stderr=True)
     from fedmem.privacy.audit.engine import run_audit
     from fedmem.privacy.audit.records import open_run
     from fedmem.privacy.audit.report import audit_table, violations

@@ -14,7 +14,7 @@ from fedmem.reporting.report import compare_table, render_report
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from rich.console import Console
+    from fedmem.progress import cli_console
 
     parser = argparse.ArgumentParser(
         prog="python -m fedmem.report",
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     args = parser.parse_args(argv)
-    console, err = Console(), Console(stderr=True)
+    console, err = cli_console(), cli_console(stderr=True)
     for d in args.run_dirs:
         if not (d / "COMPLETE").is_file() or not (d / "summary.json").is_file():
             err.print(

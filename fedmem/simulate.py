@@ -18,12 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
-from rich.console import Console
-
 import fedmem
 from fedmem import config as config_mod
 from fedmem.config import ExperimentConfig
 from fedmem.errors import InputError
+from fedmem.progress import cli_console
 from fedmem.reporting.tables import runs_table
 from fedmem.runs.experiment import run_or_load
 from fedmem.runs.rundir import RunDir
@@ -90,8 +89,8 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
-    err = Console(stderr=True)
+    console = cli_console()
+    err = cli_console(stderr=True)
     wait = None if args.wait < 0 else args.wait
     cfg = None
     try:

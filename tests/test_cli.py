@@ -182,3 +182,18 @@ def test_help_lists_config_sections():
     assert proc.returncode == 0
     for key in ("data.noise.rate", "partition.alpha", "train.lr", "federation.num_clients"):
         assert key in proc.stdout
+
+
+def test_log_output_keeps_run_names_whole(monkeypatch):
+    """Written to a file (not a terminal), the final table is not cut to "cent…"/"fede…"."""
+    from fedmem.progress import LOG_WIDTH, cli_console
+    from fedmem.reporting.tables import runs_table
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = cli_console()
+    assert console.width == LOG_WIDTH
+    row = {"test_acc": 0.5, "noisy_memorized": 0.1, "noisy_true_acc": 0.3, "rounds": 3}
+    with console.capture() as cap:
+        console.print(runs_table({"central": row, "federated": row}))
+    text = cap.get()
+    assert "│ central" in text and "│ federated" in text and "…" not in text

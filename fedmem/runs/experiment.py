@@ -143,7 +143,12 @@ def run_experiment(
             else:
                 from fedmem.federation.engine import run_federated
 
-                progress.console.print("federated: starting Ray and the Flower simulation ...")
+                engine = (
+                    "in this process (backend=local)"
+                    if cfg.federation.backend == "local"
+                    else "on Ray (Flower's simulation engine)"
+                )
+                progress.console.print(f"federated: starting {engine} ...")
                 eng = run_federated(job)
                 timing = {
                     "ray_start_s": round(eng.ray_start_s, 3),
