@@ -215,6 +215,11 @@ class TrainConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the central run (default: torch's)"
     )
+    on_divergence: Literal["stop", "continue"] = Field(
+        "stop",
+        description="when the weights or loss become non-finite: stop that model's run "
+        "there (its result is kept and marked diverged) or continue to the last round",
+    )
 
 
 class ClientResources(_Section):
