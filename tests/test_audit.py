@@ -16,6 +16,7 @@ from fedmem.data.table import build_table
 from fedmem.errors import InputError
 from fedmem.privacy.audit.data import shadow_data
 from fedmem.privacy.audit.records import attack_overrides, check_auditable
+from fedmem.privacy.audit.report import violations
 from fedmem.privacy.audit.scoring import canary_exposure, claimed_privacy, client_scores
 from fedmem.simulate import main as simulate_main
 from tests.conftest import REPO, small_overrides
@@ -277,20 +278,89 @@ def test_claimed_privacy_picks_the_worst_client_and_user_level():
         "privacy": {
             "record_level": {
                 "clients": {
-                    "0": {"epsilon": 2.0, "delta": 1e-4},
+                    "0": {"epsilon": 2.0, "delta": 3e-4},
                     "1": {"epsilon": 5.0, "delta": 2e-4},
                 }
             },
-            "user_level": {"epsilon": 3.0, "delta": 1e-2},
+            "user_level": {"epsilon": 3.0, "delta": 1e-3},
         }
     }
     claims = claimed_privacy(cfg, summary, "federated", 1000)
-    assert [(c["accountant"], c["epsilon"], c["delta"]) for c in claims] == [
-        ("record_level", 5.0, 2e-4),
-        ("user_level", 3.0, 1e-2),
+    # record level: the largest epsilon and the largest delta over clients, tested as is
+    assert [(c["accountant"], c["level"], c["epsilon"], c["delta"]) for c in claims] == [
+        ("record_level", "record", 5.0, 3e-4),
+        ("user_level", "user", 3.0, 1e-3),
     ]
+    assert (claims[0]["test_epsilon"], claims[0]["test_delta"]) == (5.0, 3e-4)
+    # user level: never tested as a per-record guarantee with its own epsilon; group
+    # privacy of 2 client-level steps gives (2 eps, (1 + e^eps) delta) per record
+    user = claims[1]
+    assert user["test_epsilon"] == 6.0
+    assert user["test_delta"] == pytest.approx((1 + math.exp(3.0)) * 1e-3)
+    assert "zero-out" in user["neighbouring"]
     none = claimed_privacy(cfg, {}, "central", 1000)
-    assert none == [{"accountant": "none", "epsilon": "inf", "delta": 1e-4}]
+    assert [(c["accountant"], c["epsilon"], c["delta"]) for c in none] == [("none", "inf", 1e-4)]
+    assert math.isinf(none[0]["test_epsilon"])
+    # a user claim too weak to bound one record (delta term >= 1) is not tested at all
+    weak = {"privacy": {"user_level": {"epsilon": 10.0, "delta": 1e-3}}}
+    (c,) = claimed_privacy(cfg, weak, "federated", 1000)
+    assert math.isinf(c["test_epsilon"])
+
+
+def test_violations_only_for_tested_claims_and_state_confidence():
+    claim = {
+        "accountant": "record_level",
+        "level": "record",
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "test_epsilon": 1.0,
+        "test_delta": 1e-5,
+        "tested_as": "one record",
+        "confidence": 0.975,
+        "lower_bound": 2.0,
+    }
+    untested = claim | {"accountant": "none", "epsilon": "inf", "test_epsilon": math.inf}
+    result = {
+        "runs": {
+            "central": {
+                "one_run_epsilon": {
+                    "tests": 2,
+                    "confidence": 0.95,
+                    "claims": [
+                        claim | {"violated": True, "tested": True},
+                        untested | {"violated": False, "tested": False},
+                    ],
+                }
+            }
+        }
+    }
+    (line,) = violations(result)
+    assert "record_level" in line and "97.50% confidence per test, 2 test(s)" in line
+    result["runs"]["central"]["one_run_epsilon"]["claims"][0]["violated"] = False
+    assert violations(result) == []
+
+
+def test_client_auc_comes_with_a_permutation_p_value():
+    from fedmem.stats import auc_test
+
+    # 10 training vs 4 held-out clients, perfectly separated: the exact p-value is 1/C(14, 4)
+    scores = np.r_[np.arange(10) + 10.0, np.arange(4)]
+    member = np.r_[np.ones(10, bool), np.zeros(4, bool)]
+    t = auc_test(scores, member)
+    assert t["auc"] == 1.0 and t["p_value"] == pytest.approx(1 / math.comb(14, 4))
+    assert t["p_value_method"] == "exact permutation"
+    # one held-out client above every training one: AUC 30/40, p from the same enumeration
+    scores[10] = 100.0
+    t = auc_test(scores, member)
+    assert t["auc"] == pytest.approx(0.75) and 0.05 < t["p_value"] < 0.5
+    assert t["ci_low"] <= 0.75 <= t["ci_high"]
+    # no signal: p-value near 1/2 over random scores, Monte Carlo when arrangements are many
+    rng = np.random.default_rng(0)
+    ps = [
+        auc_test(rng.normal(size=60), np.r_[np.ones(30), np.zeros(30)], resamples=200)["p_value"]
+        for _ in range(20)
+    ]
+    assert 0.25 < float(np.mean(ps)) < 0.75
 
 
 # ---------------------------------------------------------------------------------------------

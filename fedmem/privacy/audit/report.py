@@ -13,17 +13,33 @@ from fedmem.reporting.tables import cell
 
 
 def violations(result: dict[str, Any]) -> list[str]:
-    """One line per claimed epsilon that a one-run lower bound exceeds."""
+    """One line per tested privacy claim that a one-run lower bound exceeds.
+
+    Only claims the audit canaries can test soundly count (``tested``; see
+    :func:`fedmem.privacy.audit.scoring.claimed_privacy`); each line states the claim's level,
+    the record-level guarantee tested, the confidence of that test and the number of tests
+    (Bonferroni: the family holds at ``audit.attack.confidence``).
+    """
     out = []
     for name, res in result["runs"].items():
-        for c in (res.get("one_run_epsilon") or {}).get("claims", []):
-            if c["violated"]:
-                out.append(
-                    f"{name}: empirical epsilon >= {c['lower_bound']:.3f} at "
-                    f"{res['one_run_epsilon']['confidence']:.0%} confidence exceeds the "
-                    f"{c['accountant']} accountant's epsilon {c['epsilon']} "
-                    f"(delta {c['delta']:.2e})"
+        one = res.get("one_run_epsilon") or {}
+        for c in one.get("claims", []):
+            if not c.get("violated"):
+                continue
+            tested = (
+                f"{c['accountant']} claim eps {c['epsilon']} (delta {c['delta']:.2e}, "
+                f"{c['level']} level)"
+            )
+            if c["test_epsilon"] != c["epsilon"]:
+                tested += (
+                    f" implies eps {c['test_epsilon']:.3g} (delta {c['test_delta']:.2e}) per "
+                    f"record ({c['tested_as']})"
                 )
+            out.append(
+                f"{name}: empirical epsilon >= {c['lower_bound']:.3f} exceeds the {tested}; "
+                f"{c['confidence']:.2%} confidence per test, {one['tests']} test(s), "
+                f"{one['confidence']:.0%} for all together"
+            )
     return out
 
 
@@ -37,13 +53,42 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         for a, s in ((res.get("membership") or {}).get("attacks") or {}).items():
             h[f"{a}_auc"] = s["auc"]
             h[f"{a}_tpr_at_1pct_fpr"] = s["tpr_at_1pct_fpr"]
-        for a, auc in ((res.get("client_membership") or {}).get("auc_by_attack") or {}).items():
-            h["client_auc" if a == "loss" else f"client_{a}_auc"] = auc
+        client = res.get("client_membership") or {}
+        tests = client.get("auc_tests") or {}
+        for a, auc in (client.get("auc_by_attack") or {}).items():
+            key = "client_auc" if a == "loss" else f"client_{a}_auc"
+            h[key] = auc
+            if a in tests:
+                h[f"{key}_p"] = tests[a]["p_value"]
+                h[f"{key}_ci"] = [tests[a]["ci_low"], tests[a]["ci_high"]]
         if "one_run_epsilon" in res:
-            h["epsilon_lower_bound"] = res["one_run_epsilon"]["lower_bound"]
-            h["accountant_epsilon"] = res["one_run_epsilon"]["accountant_epsilon"]
+            one = res["one_run_epsilon"]
+            h["epsilon_lower_bound"] = one["lower_bound"]
+            h["epsilon_lower_bound_delta"] = one.get("lower_bound_delta")
+            h["accountant_epsilon"] = one["accountant_epsilon"]
+            h["accountant_delta"] = one.get("accountant_delta")
+            h["accountant_level"] = one.get("accountant_level")
+            h["claims_tested"] = one.get("tests")
         out[name] = h
     return out
+
+
+def auc_with_p(h: dict[str, Any], key: str) -> str:
+    """A client-level AUC cell: "0.775 (p=0.12)"."""
+    if h.get(key) is None:
+        return "-"
+    p = h.get(f"{key}_p")
+    return cell(h[key]) if p is None else f"{cell(h[key])} (p={p:.2g})"
+
+
+def epsilon_cell(h: dict[str, Any], key: str, delta_key: str) -> str:
+    """An epsilon with its delta: "3.69 @1.3e-05"."""
+    if h.get(key) is None:
+        return "-"
+    eps = h[key]
+    eps = f"{eps:.3g}" if isinstance(eps, float) else str(eps)
+    d = h.get(delta_key)
+    return eps if d is None else f"{eps} @{d:.1e}"
 
 
 AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -53,17 +98,28 @@ AUDIT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("lira_online_tpr_at_1pct_fpr", "LiRA TPR@1%"),
     ("lira_offline_auc", "LiRA off AUC"),
     ("rmia_auc", "RMIA AUC"),
-    ("client_auc", "client loss AUC"),
-    ("client_lira_online_auc", "client LiRA AUC"),
-    ("epsilon_lower_bound", "eps >= (1 run)"),
-    ("accountant_epsilon", "eps accountant"),
+    ("client_auc", "client loss AUC (p)"),
+    ("client_lira_online_auc", "client LiRA AUC (p)"),
+    ("epsilon_lower_bound", "eps >= (1 run) @delta"),
+    ("accountant_epsilon", "eps claimed @delta"),
+    ("accountant_level", "claim level"),
 )
+
+
+def _audit_cell(h: dict[str, Any], key: str) -> str:
+    if key.startswith("client_"):
+        return auc_with_p(h, key)
+    if key == "epsilon_lower_bound":
+        return epsilon_cell(h, key, "epsilon_lower_bound_delta")
+    if key == "accountant_epsilon":
+        return epsilon_cell(h, key, "accountant_delta")
+    return cell(h.get(key))
 
 
 def audit_rows(result: dict[str, Any]) -> list[list[str]]:
     """The console / report table rows: one per audited model."""
     return [
-        [name, *(cell(h.get(key)) for key, _ in AUDIT_COLUMNS)]
+        [name, *(_audit_cell(h, key) for key, _ in AUDIT_COLUMNS)]
         for name, h in headline(result).items()
     ]
 

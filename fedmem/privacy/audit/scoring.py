@@ -76,31 +76,82 @@ def mia_scores(
     return out
 
 
-def claimed_privacy(cfg: ExperimentConfig, summary: dict, run: str, n: int) -> list[dict]:
-    """The (epsilon, delta) guarantees the run claims for one record of model ``run``.
+RECORD_NEIGHBOURS = "add/remove one record (Poisson-sampled DP-SGD, Opacus' accountant)"
+USER_NEIGHBOURS = (
+    "zero-out one client (its update replaced by none in every round; the same as add/remove "
+    "of a client when every client trains every round)"
+)
 
-    Central: its record-level accountant. Federated: the worst client's record-level
-    accountant, and the user-level accountant (a record belongs to one user). Without DP one
-    entry with epsilon ``inf`` at the default delta 1/(10 n).
+
+def _finite(eps: float | str | None) -> float:
+    return math.inf if eps is None or isinstance(eps, str) else float(eps)
+
+
+def claimed_privacy(cfg: ExperimentConfig, summary: dict, run: str, n: int) -> list[dict]:
+    """The (epsilon, delta) guarantees that model ``run`` claims, each at its own level, and
+    the record-level claim it implies, which the audit's record canaries can test.
+
+    Every claim has ``accountant``, ``level`` (``record`` or ``user``), ``neighbouring`` (the
+    relation its accountant assumes), ``epsilon`` and ``delta``; and ``test_epsilon`` /
+    ``test_delta``: the guarantee it gives for adding or removing *one record*, the unit the
+    audit canaries are (Steinke et al. 2023 need the relation of the claim to match how the
+    canaries enter training).
+
+    - Central with DP-SGD: its record-level accountant, tested as is.
+    - Federated with DP-SGD: every client's accountant covers its own records, so the model is
+      (max epsilon, max delta)-DP for any one record: tested as is.
+    - Federated with DP-FedAvg (user level): a record added to client k changes k's update; in
+      the client-level relation that is two steps (drop k's update, put back the new one), so
+      by group privacy (Dwork & Roth 2014, Lemma 2.2 for k = 2) a user-level (eps, delta)
+      claim gives (2 eps, (1 + e^eps) delta) per record. That weaker record claim is what the
+      canaries test; the user-level claim itself would need whole clients included at random
+      (the held-out clients are a fixed set), so it is reported, not tested.
+    - Without DP: one claim ``none`` with epsilon ``inf`` at the default delta 1/(10 n), which
+      no bound can contradict (the one-run bound is still reported).
     """
     priv = summary.get("privacy") or {}
     out = []
     rec = priv.get("record_level") or {}
     if run == "central" and "central" in rec:
-        eps = rec["central"].get("epsilon")
-        out.append({"accountant": "record_level", "epsilon": eps, "delta": _delta(cfg, n)})
+        c = rec["central"]
+        delta = c.get("delta") or _delta(cfg, n)
+        out.append(_claim("record_level", "record", RECORD_NEIGHBOURS, c.get("epsilon"), delta))
     if run == "federated" and rec.get("clients"):
-        worst = max(
-            rec["clients"].values(),
-            key=lambda c: math.inf if isinstance(c["epsilon"], str) else c["epsilon"],
-        )
+        clients = rec["clients"].values()
+        eps = max(_finite(c["epsilon"]) for c in clients)
+        delta = max(float(c["delta"]) for c in clients)
         out.append(
-            {"accountant": "record_level", "epsilon": worst["epsilon"], "delta": worst["delta"]}
+            _claim(
+                "record_level",
+                "record",
+                RECORD_NEIGHBOURS + ", the largest over clients",
+                "inf" if math.isinf(eps) else eps,
+                delta,
+            )
         )
     user = priv.get("user_level") or {}
     if run == "federated" and user:
-        out.append({"accountant": "user_level", "epsilon": user["epsilon"], "delta": user["delta"]})
-    return out or [{"accountant": "none", "epsilon": "inf", "delta": _delta(cfg, n)}]
+        claim = _claim("user_level", "user", USER_NEIGHBOURS, user["epsilon"], user["delta"])
+        eps = _finite(user["epsilon"])
+        test_delta = (1.0 + math.exp(min(eps, 700.0))) * float(user["delta"])
+        claim["test_epsilon"] = 2.0 * eps if test_delta < 1.0 else math.inf
+        claim["test_delta"] = min(test_delta, 1.0)
+        claim["tested_as"] = "one record, by group privacy of 2 client-level steps"
+        out.append(claim)
+    return out or [_claim("none", "record", RECORD_NEIGHBOURS, "inf", _delta(cfg, n))]
+
+
+def _claim(accountant: str, level: str, neighbouring: str, eps: Any, delta: float) -> dict:
+    return {
+        "accountant": accountant,
+        "level": level,
+        "neighbouring": neighbouring,
+        "epsilon": eps,
+        "delta": float(delta),
+        "test_epsilon": _finite(eps),
+        "test_delta": float(delta),
+        "tested_as": "one record",
+    }
 
 
 def use_fixed_variance(cfg: ExperimentConfig, shadows: int) -> bool:

@@ -4,6 +4,7 @@ inference, and the one-run empirical epsilon of its audit canaries."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,8 @@ from fedmem.privacy.audit.scoring import (
     use_fixed_variance,
 )
 from fedmem.privacy.audit.shadows import ShadowModels
-from fedmem.stats import roc_auc
+from fedmem.seeding import derive_seed
+from fedmem.stats import auc_test, roc_auc
 
 
 def _eps(v: float | str | None) -> float:
@@ -67,18 +69,21 @@ def audit_model(
         sh_cand = shadows.logits(table.audit_x, bs)
         sh_pop = shadows.logits(table.x_test, bs)
         fixed_variance = use_fixed_variance(cfg, len(shadows))
-        scores = mia_scores(
-            cand_logits,
-            sh_cand,
-            table.audit_y,
-            candidate_masks,
-            pop_logits,
-            sh_pop,
-            table.y_test,
-            fixed_variance,
+        kind = table.audit_kind.numpy()
+        scores = population_scores(
+            kind,
+            lambda cols: mia_scores(
+                cand_logits[cols],
+                sh_cand[:, cols],
+                table.audit_y[cols],
+                candidate_masks[:, cols],
+                pop_logits,
+                sh_pop,
+                table.y_test,
+                fixed_variance,
+            ),
         )
         member = table.audit_member.numpy()
-        kind = table.audit_kind.numpy()
         pool = kind == AUDIT_POOL
         if pool.any():
             noisy = (table.audit_y != table.audit_y_true).numpy()
@@ -105,41 +110,82 @@ def audit_model(
     return res, curves
 
 
+def population_scores(
+    kind: np.ndarray, score: Callable[[torch.Tensor], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Attack scores computed separately for each candidate population (``kind``: the
+    membership pool, the audit canaries) and put back in candidate order.
+
+    LiRA's fixed variance (Carlini et al. 2022, Sec. 4.3) is one standard deviation pooled
+    over the examples it scores; pooled over two populations as different as real training
+    examples and random-input canaries, it would fit neither. ``score(cols)`` returns every
+    attack's scores for the candidate columns ``cols``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k in np.unique(kind):
+        cols = np.flatnonzero(kind == k)
+        for a, s in score(torch.from_numpy(cols)).items():
+            out.setdefault(a, np.full(len(kind), np.nan))[cols] = s
+    return out
+
+
 def one_run_epsilon(
     run: AuditedRun, name: str, scores: dict[str, np.ndarray], member: np.ndarray, can: np.ndarray
 ) -> dict[str, Any]:
-    """Steinke et al. (2023) lower bounds from each attack's scores on the audit canaries."""
+    """Steinke et al. (2023) lower bounds from each attack's scores on the audit canaries, and
+    a test of every privacy claim of the model that the canaries can test.
+
+    Each claim (:func:`~fedmem.privacy.audit.scoring.claimed_privacy`) is tested at the record
+    level it implies (``test_epsilon``, ``test_delta``); a claim with an infinite test epsilon
+    (no DP, or a user-level claim too weak to say anything per record) is reported, not
+    tested. With T claims tested, each test runs at confidence ``1 - (1 - c) / T``
+    (Bonferroni), so that "some claim is violated" holds at ``audit.attack.confidence`` = c
+    for the whole family: only then may the CLI exit with code 3.
+    """
     att = run.cfg.audit.attack
     record = run.records[name]
     # a model derived from another (pruned, unlearned, fine-tuned) claims nothing of its own
     trained_as = record.trainer if record.parent is None and record.method is None else "derived"
     claims = claimed_privacy(run.cfg, run.summary, trained_as, len(run.table))
+    tests = sum(math.isfinite(c["test_epsilon"]) for c in claims)
+    each = 1.0 - (1.0 - att.confidence) / max(tests, 1)
     bounds = []
     for claim in claims:
+        tested = math.isfinite(claim["test_epsilon"])
         per_attack = {
-            a: one_run.one_run_epsilon(s[can], member[can], claim["delta"], att.confidence)
+            a: one_run.one_run_epsilon(
+                s[can], member[can], claim["test_delta"], each if tested else att.confidence
+            )
             for a, s in scores.items()
         }
         lb = per_attack[att.epsilon_attack]["epsilon_lower_bound"]
         bounds.append(
             {
                 **claim,
+                "tested": tested,
+                "confidence": each if tested else att.confidence,
                 "lower_bound": lb,
-                "violated": lb > _eps(claim["epsilon"]),
+                "violated": tested and lb > claim["test_epsilon"],
                 "lower_bound_by_attack": {
                     a: r["epsilon_lower_bound"] for a, r in per_attack.items()
                 },
                 "guesses": per_attack[att.epsilon_attack],
             }
         )
+    head = bounds[0]
     return {
         "attack": att.epsilon_attack,
         "canaries": int(can.sum()),
         "included": int(member[can].sum()),
         "confidence": att.confidence,
+        "tests": tests,
+        "confidence_each": each,
         "claims": bounds,
-        "lower_bound": bounds[0]["lower_bound"],
-        "accountant_epsilon": bounds[0]["epsilon"],
+        "lower_bound": head["lower_bound"],
+        "lower_bound_delta": head["test_delta"],
+        "accountant_epsilon": head["epsilon"],
+        "accountant_delta": head["delta"],
+        "accountant_level": head["level"],
     }
 
 
@@ -157,6 +203,12 @@ def client_membership(
     LiRA online / offline (Carlini et al. 2022) per example with "in" meaning *the example's
     client* was in the shadow's training, then averaged per client (the mean log-likelihood
     ratio; assumes the examples independent, as aggregating per-example tests does).
+
+    Training vs held-out clients are few units (e.g. 10 vs 4: AUC in steps of 1/40), so every
+    AUC comes with its permutation p-value and a bootstrap interval
+    (:func:`fedmem.stats.auc_test`); "above chance" means a small p-value, not AUC > 0.5. No
+    user-level privacy claim is tested here: the held-out clients are a fixed set, not clients
+    included at random, which a sound test (one-run or otherwise) would need.
     """
     table, bs = run.table, run.cfg.train.eval_batch_size
     data = client_shadow_data(table)
@@ -179,11 +231,13 @@ def client_membership(
             scores["lira_online" if online else "lira_offline"] = attacks.lira_scores(
                 phi, sh_phi, inside, online=online, fixed_variance=fixed_variance
             )
-    out: dict[str, Any] = {"attacks": {}, "score_per_client": {}}
+    out: dict[str, Any] = {"attacks": {}, "tests": {}, "score_per_client": {}}
     for a, s in scores.items():
         ids, means = client_scores(s, client)
         member = ids < table.num_clients
-        out["attacks"][a] = roc_auc(means, member)
+        test = auc_test(means, member, seed=derive_seed(run.cfg.seed, "audit", "client-auc", a))
+        out["attacks"][a] = test["auc"]
+        out["tests"][a] = test
         out["score_per_client"][a] = {
             str(int(k)): float(v) for k, v in zip(ids, means, strict=True)
         }
@@ -192,6 +246,8 @@ def client_membership(
         "heldout_clients": int((~member).sum()),
         "auc": out["attacks"]["loss"],
         "auc_by_attack": out["attacks"],
+        # few units: every AUC with its permutation p-value and bootstrap interval
+        "auc_tests": out["tests"],
         "shadows": 0 if shadows is None else len(shadows[0]),
         "score_per_client": out["score_per_client"],
     }
