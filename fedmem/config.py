@@ -23,16 +23,23 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from fedmem.config_io import (
+    dotted_key,
+    load_override_value,
+    misplaced_bool,
+    read_config_file,
+    yes_no_word,
+)
 from fedmem.errors import ConfigError
 
 DATASETS = ("mnist1d", "digits", "mnist", "fashionmnist", "cifar10", "cifar100")
@@ -40,7 +47,30 @@ MODELS = ("mlp", "cnn1d", "cnn", "resnet9")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    """Base of every section: unknown keys, booleans read as numbers (``train.rounds=true``)
+    and non-finite floats (``.inf``, ``.nan``) are errors in every field, nested ones included.
+    A YAML ``yes``/``no`` given to a choice spelled with those words stays a word."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        value = yes_no_word(value, field.annotation)
+        where = misplaced_bool(value, field.annotation)
+        if where is not None:
+            inside = f" at {where}" if where else ""
+            got = str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ValueError(
+                f"a number is needed, not a boolean{inside} (got {got}; YAML reads "
+                "true/false/yes/no/on/off as booleans)"
+            )
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,10 +494,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.problem})") from None
+        value = load_override_value(key, raw)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -502,9 +529,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _one_line(err: ValidationError) -> str:
-    e = err.errors()[0]
+    # The deepest location first: for a union (``int | list[int]``) the member that got
+    # furthest says most (``repeats.1`` is not an integer, rather than "not an int").
+    e = max(err.errors(), key=lambda x: len(x["loc"]))
     loc = tuple(e["loc"])
-    key = ".".join(str(p) for p in loc) or "config"
+    key = dotted_key(loc, ExperimentConfig)
     kind = e["type"]
     ctx = e.get("ctx") or {}
     if kind == "extra_forbidden":
@@ -518,7 +547,8 @@ def _one_line(err: ValidationError) -> str:
         return f"{key}: {msg}"
     given = e.get("input")
     given_s = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{key}: {e['msg'].lower()}{given_s}"
+    msg = e["msg"][:1].lower() + e["msg"][1:]  # keep the case of patterns and type names
+    return f"{key}: {msg}{given_s}"
 
 
 def build(raw: dict[str, Any]) -> ExperimentConfig:
@@ -526,7 +556,7 @@ def build(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_one_line(err).replace("\r", " ").replace("\n", " ")) from None
 
 
 def load(
@@ -538,18 +568,7 @@ def load(
 
     ``default_name`` becomes ``output.name`` when neither the file nor the overrides set it.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file {p} does not exist; pass a YAML file from configs/")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {p} is not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections")
-        raw = loaded or {}
+    raw: dict[str, Any] = read_config_file(Path(path)) if path is not None else {}
     raw = merge_dicts(raw, parse_overrides(overrides or []))
     if default_name is not None and "name" not in (raw.get("output") or {}):
         raw = merge_dicts(raw, {"output": {"name": default_name}})

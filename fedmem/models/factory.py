@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedmem.config import ExperimentConfig
+from fedmem.errors import ConfigError
 from fedmem.models.architectures import build_model
 from fedmem.seeding import derive_seed
 
@@ -20,8 +21,16 @@ if TYPE_CHECKING:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``train.device``; ``cuda`` without a GPU is a one-line ConfigError
+    (``python -m fedmem.simulate`` refuses it earlier, :func:`fedmem.runs.devices.check_devices`;
+    this covers the other entry points, e.g. auditing a GPU run on a CPU machine)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda asked for, but torch sees no GPU on this machine; "
+            "set train.device=cpu (or auto: cuda where there is one)"
+        )
     return torch.device(name)
 
 

@@ -27,6 +27,7 @@ from fedmem.reporting.report import render_report
 from fedmem.reporting.tables import summarize_rows
 from fedmem.runs.central import run_central
 from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
+from fedmem.runs.devices import check_devices
 from fedmem.runs.lock import RunLock
 from fedmem.runs.records import experiment_records
 from fedmem.runs.rundir import RunDir
@@ -35,6 +36,7 @@ from strategies.sampling import user_dp_sampling
 
 def prepare(cfg: ExperimentConfig) -> ExampleTable:
     """Everything that can fail on bad input, before any result is written."""
+    check_devices(cfg)  # GPUs asked for but missing: exit 2 now, not a Ray hang later
     table = cached_table(cfg)
     model = init_model(cfg, table)
     if cfg.federation.enabled:
