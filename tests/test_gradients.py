@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmem.analysis.gradients import (
+    fold_gradients,
     gradient_geometry,
     layer_groups,
+    mean_gradient_norms,
     summed_gradients,
     update_cosine,
 )
@@ -95,6 +97,26 @@ def test_summed_gradients_keep_existing_grad():
         assert torch.equal(p.grad, grads[n])
 
 
+def _per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Brute force: ``{group: [n, P]}`` per-example gradients (one autograd call each)."""
+    model.eval()
+    groups = layer_groups(model)
+    rows: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
+    params = dict(model.named_parameters())
+    for i in range(len(x)):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1].long(), reduction="sum")
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        for g, names in groups.items():
+            rows[g].append(torch.cat([grads[n].flatten() for n in names]).double())
+    return {g: torch.stack(r) for g, r in rows.items()}
+
+
+def _u_statistic(g: torch.Tensor) -> float:
+    """mean over ordered pairs i != j of <g_i, g_j>: unbiased for |E g|^2."""
+    n = len(g)
+    return (float(g.sum(0).pow(2).sum()) - float(g.pow(2).sum())) / (n * (n - 1))
+
+
 def test_geometry_identical_sets():
     model = _mlp()
     x, y = _data(20)
@@ -104,14 +126,93 @@ def test_geometry_identical_sets():
     assert list(geo) == ["net.1", "net.3", "net.5"]
     for g in geo.values():
         assert g["cos"] == pytest.approx(1.0, abs=1e-6)
-        assert g["norm_clean"] == pytest.approx(g["norm_noisy"], rel=1e-5)
+        assert g["norm_of_mean_clean"] == pytest.approx(g["norm_of_mean_noisy"], rel=1e-5)
         assert g["num_clean"] == 20 and g["num_noisy"] == 20
     assert geo["net.1"]["num_params"] == 6 * 8 + 8
     assert geo["net.5"]["num_params"] == 8 * 3 + 3
-    # norm is |g| / sqrt(#params)
-    g = summed_gradients(model, x, y)
-    flat = torch.cat([g["net.5.weight"].flatten(), g["net.5.bias"]])
-    assert geo["net.5"]["norm_clean"] == pytest.approx(float(flat.norm()) / math.sqrt(27), 1e-5)
+    # one example per fold: the norm is sqrt(U) / sqrt(#params), U over all pairs of examples
+    geo = gradient_geometry(model, xx, yy, is_noisy, batch_size=7, folds=20)
+    u = _u_statistic(_per_example(model, x, y)["net.5"])
+    assert u > 0
+    assert geo["net.5"]["norm_of_mean_clean"] == pytest.approx(math.sqrt(u / 27), rel=1e-5)
+
+
+def test_fold_gradients_sum_and_fold_squares():
+    model = _mlp()
+    x, y = _data(23)
+    total, fold_sq, sizes = fold_gradients(model, x, y, folds=4, batch_size=5)
+    assert sorted(sizes) == [5, 6, 6, 6]
+    ref = summed_gradients(model, x, y)
+    for n in ref:
+        assert torch.allclose(total[n].float(), ref[n], atol=1e-5)
+    # with one example per fold, sum_k |S_k|^2 is sum_i |g_i|^2
+    _, per_ex_sq, sizes = fold_gradients(model, x, y, folds=100)
+    assert sizes == [1] * 23
+    per = _per_example(model, x, y)
+    got = sum(per_ex_sq[n] for n in layer_groups(model)["net.3"])
+    assert got == pytest.approx(float(per["net.3"].pow(2).sum()), rel=1e-5)
+    with pytest.raises(ValueError):
+        fold_gradients(model, x, y, folds=1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mean_gradient_norm_is_unbiased_whatever_the_sample_size():
+    """The expectation of the estimate over random subsamples is the population's |E g|^2, at
+    any subsample size (the cap), while the plain |sample mean|^2 is biased by tr(Cov) / n."""
+    torch.manual_seed(0)
+    model = _mlp()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g) + 0.5
+    # mostly class 0: a mean gradient comparable to the per-example spread, so a bias shows
+    y = torch.where(torch.rand(300, generator=g) < 0.6, 0, torch.randint(0, 3, (300,), generator=g))
+    groups = layer_groups(model)
+    per = _per_example(model, x, y)
+    # sampling without replacement from these 300: E[<g_i, g_j>], i != j, is exactly the
+    # population's U-statistic
+    target = {g: _u_statistic(per[g]) for g in groups}
+    rng = torch.Generator().manual_seed(5)
+    reps, n = 1000, 8
+    est: dict[str, list[float]] = {g: [] for g in groups}
+    plain: dict[str, list[float]] = {g: [] for g in groups}
+    for _ in range(reps):
+        idx = torch.randperm(300, generator=rng)[:n]
+        total, fold_sq, sizes = fold_gradients(model, x[idx], y[idx], folds=4)
+        for g, u in mean_gradient_norms(total, fold_sq, sizes, groups).items():
+            est[g].append(u)
+            plain[g].append(float(per[g][idx].mean(0).pow(2).sum()))
+    for g in groups:
+        e, p = torch.tensor(est[g]), torch.tensor(plain[g])
+        # 4 standard errors of the mean over `reps` independent subsamples: a false failure
+        # has probability < 1e-4 per group (CLT); the draws are seeded, so the test is fixed
+        se = float(e.std()) / math.sqrt(reps)
+        assert abs(float(e.mean()) - target[g]) < 4 * se, g
+        # the old estimate (norm of a sum or of a plain mean) fails this bound
+        assert float(p.mean()) - target[g] > 4 * float(p.std()) / math.sqrt(reps), g
+
+
+def test_geometry_norms_do_not_depend_on_group_size():
+    """Two groups of 40 and 2000 examples from the same distribution: comparable norms
+    (under the old summed gradients the ratio was 40 / 2000)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    g = torch.Generator().manual_seed(7)
+    x = 0.3 * torch.randn(2040, 6, generator=g) + 1.0
+    y = torch.zeros(2040, dtype=torch.long)  # a shared label: a mean gradient well above noise
+    is_noisy = torch.arange(2040) < 40
+    geo = gradient_geometry(model, x, y, is_noisy)
+    per = _per_example(model, x, y)
+    for group, row in geo.items():
+        # tolerance from the population: with r = tr(Cov) / |E g|^2, the estimate u of |E g|^2
+        # from n examples has relative standard error <= sqrt(4 r / n + 2 r^2 / n^2), and its
+        # square root half of that; 4 standard errors of the n = 40 side (the 2000 side adds
+        # little), capped well below the old ratio's distance from 1
+        mean = per[group].mean(0)
+        r = float((per[group] - mean).pow(2).sum(1).mean()) / float(mean.pow(2).sum())
+        tol = 4 * 0.5 * math.sqrt(4 * r / 40 + 2 * r * r / 40**2)
+        assert tol < 0.5, (group, r)
+        ratio = row["norm_of_mean_noisy"] / row["norm_of_mean_clean"]
+        assert abs(ratio - 1) < tol, (group, ratio, tol)
+        assert row["cos"] > 0.9  # same distribution: the same direction
 
 
 def test_geometry_opposite_labels_cosine_minus_one():
@@ -126,7 +227,8 @@ def test_geometry_opposite_labels_cosine_minus_one():
     is_noisy = torch.arange(20) >= 10
     geo = gradient_geometry(model, xx, yy, is_noisy)
     assert geo["0"]["cos"] == pytest.approx(-1.0, abs=1e-6)
-    assert geo["0"]["norm_clean"] == pytest.approx(geo["0"]["norm_noisy"], rel=1e-6)
+    assert geo["0"]["norm_of_mean_clean"] == pytest.approx(geo["0"]["norm_of_mean_noisy"], 1e-6)
+    assert geo["0"]["norm_of_mean_clean"] > 0
 
 
 def test_geometry_without_noisy_examples():
@@ -134,8 +236,11 @@ def test_geometry_without_noisy_examples():
     x, y = _data(10)
     geo = gradient_geometry(model, x, y, torch.zeros(10, dtype=torch.bool))
     for g in geo.values():
-        assert g["cos"] is None and g["norm_noisy"] is None
-        assert g["norm_clean"] > 0 and g["num_noisy"] == 0
+        assert g["cos"] is None and g["norm_of_mean_noisy"] is None
+        assert g["norm_of_mean_clean"] is not None and g["num_noisy"] == 0
+    # one example: no pair, no estimate of the mean's norm
+    geo = gradient_geometry(model, x, y, torch.arange(10) == 3)
+    assert all(g["norm_of_mean_noisy"] is None and g["cos"] is not None for g in geo.values())
 
 
 def test_geometry_is_clean_mask():

@@ -2,11 +2,17 @@
 
 Maini, Mozer, Sedghi, Lipton, Kolter, Zhang 2023, "Can Neural Network Memorization Be
 Localized?" (ICML), Sec. 3.1 "gradient accounting", Fig. 2: for every layer, the gradient of
-the training loss summed over the clean examples and summed over the mislabeled examples; their
-norms divided by sqrt(#parameters of the layer) (so layers of different size compare) and the
-cosine between them. Mislabeled examples are few but contribute gradient norm comparable to the
-clean ones, in every layer, and their gradient points against the clean one (negative cosine):
-memorization is not confined to the last layers.
+the training loss from the clean examples and from the mislabeled examples, their norms divided
+by sqrt(#parameters of the layer) (so layers of different size compare) and the cosine between
+them. Mislabeled examples are few but contribute gradient norm comparable to the clean ones, in
+every layer, and their gradient points against the clean one (negative cosine): memorization is
+not confined to the last layers.
+
+Maini et al. sum over all examples of a group. Here a group is a capped subsample, so a sum
+would scale with the subsample size; :func:`gradient_geometry` reports the norm of each group's
+*mean* gradient instead (``norm_of_mean_*``), estimated without the sampling-noise bias a
+sample mean carries (:func:`mean_gradient_norms`). Maini et al.'s total contribution of a group
+is its population count times ``norm_of_mean``.
 
 :func:`update_cosine` is the federated analogue: per layer, the cosine between the mean model
 update of clients holding mislabeled data and the mean update of clean clients.
@@ -84,6 +90,71 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(torch.dot(a, b)) / (na * nb)
 
 
+def fold_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folds: int = 16,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], list[int]]:
+    """Summed gradients of ``folds`` disjoint random folds of the rows
+    (:func:`summed_gradients` each).
+
+    Rows go to folds by a permutation drawn from ``seed``, not by their order (rows in table
+    order may be grouped by client or class; pairs across contiguous folds would not be random
+    pairs). Returns ``(total, fold_sq, sizes)``: the summed gradient over all rows (as
+    :func:`summed_gradients`, float64 on the CPU), ``{name: sum_k |S_k[name]|^2}`` over the
+    fold sums ``S_k``, and the fold sizes (``min(folds, len(x))`` folds, sizes within one).
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    parts = [p for p in order.tensor_split(min(folds, len(x))) if len(p)]
+    total: dict[str, torch.Tensor] = {}
+    fold_sq: dict[str, float] = {}
+    for part in parts:
+        g = summed_gradients(model, x[part], y[part], batch_size)
+        for name, t in g.items():
+            t = t.detach().double().cpu()
+            total[name] = total[name] + t if name in total else t
+            fold_sq[name] = fold_sq.get(name, 0.0) + float(t.pow(2).sum())
+    return total, fold_sq, [len(p) for p in parts]
+
+
+def mean_gradient_norms(
+    total: Mapping[str, torch.Tensor],
+    fold_sq: Mapping[str, float],
+    sizes: Sequence[int],
+    groups: Mapping[str, Sequence[str]],
+) -> dict[str, float | None]:
+    """Per layer group, an unbiased estimate of ``|E g|^2``, the squared norm of the mean
+    per-example gradient, from :func:`fold_gradients`.
+
+    The squared norm of a sample mean is biased by the sampling noise, ``E|mean_n|^2 = |E g|^2
+    + tr(Cov g) / n``, so it grows as the sample shrinks. Summing over pairs of examples from
+    different folds only (a U-statistic, Hoeffding 1948), with ``S = sum_k S_k`` and ``n =
+    sum_k n_k``::
+
+        (|S|^2 - sum_k |S_k|^2) / (n^2 - sum_k n_k^2) = mean_{i, j in different folds} <g_i, g_j>
+
+    whose expectation is ``|E g|^2`` for rows drawn at random from a group, whatever their
+    number (for a sample without replacement from a finite group: the same statistic over the
+    whole group). It can be negative when the mean is below the noise. None with one row, and
+    for non-finite gradients (a diverged model).
+    """
+    n = sum(sizes)
+    pairs = n * n - sum(k * k for k in sizes)
+    out: dict[str, float | None] = {}
+    for group, names in groups.items():
+        if pairs <= 0 or not all(name in total for name in names):
+            out[group] = None
+            continue
+        sq = float(_flat(total, names).pow(2).sum()) - sum(fold_sq[name] for name in names)
+        out[group] = sq / pairs if math.isfinite(sq) else None
+    return out
+
+
 def gradient_geometry(
     model: nn.Module,
     x: torch.Tensor,
@@ -91,41 +162,54 @@ def gradient_geometry(
     is_noisy: torch.Tensor,
     batch_size: int = 1024,
     is_clean: torch.Tensor | None = None,
+    folds: int = 16,
 ) -> dict[str, dict[str, float | int | None]]:
-    """Per layer group: clean vs mislabeled summed-gradient geometry (Maini et al. 2023, Fig. 2).
+    """Per layer group: clean vs mislabeled gradient geometry (Maini et al. 2023, Fig. 2).
 
-    ``g_clean`` / ``g_noisy``: :func:`summed_gradients` over the clean / mislabeled examples,
-    with ``y`` the labels training sees (``table.y_obs``), flattened over the group's parameters.
-    Returns ``{group: {"cos", "norm_clean", "norm_noisy", "num_params", "num_clean",
-    "num_noisy"}}`` with ``cos = <g_clean, g_noisy> / (|g_clean| |g_noisy|)`` and
-    ``norm_* = |g_*| / sqrt(num_params)``. Clean examples are ``~is_noisy`` unless ``is_clean``
-    is given (e.g. ``table.is_clean``, which also leaves out outliers and canaries). A side
-    without examples gives None norms and a None cosine; a zero gradient gives a None cosine.
+    ``y`` holds the labels training sees (``table.y_obs``). Clean examples are ``~is_noisy``
+    unless ``is_clean`` is given (e.g. ``table.is_clean``, which also leaves out outliers and
+    canaries). Returns ``{group: {"cos", "norm_of_mean_clean", "norm_of_mean_noisy",
+    "num_params", "num_clean", "num_noisy"}}``:
+
+    - ``cos``: cosine between the clean and the mislabeled summed (equivalently, mean)
+      gradients over the group's parameters, as in Maini et al.;
+    - ``norm_of_mean_*``: ``sqrt(max(0, u)) / sqrt(num_params)`` with ``u`` the unbiased
+      estimate of the squared norm of the side's mean per-example gradient
+      (:func:`mean_gradient_norms`, over ``folds`` folds). A mean, not a sum: sides with
+      different numbers of examples (and a capped subsample) compare; 0 means the mean
+      gradient is below the sampling noise of the estimate.
+
+    A side without examples gives None norms and a None cosine, one example a None norm; a
+    zero gradient gives a None cosine.
     """
     noisy = is_noisy.bool().cpu()
     clean = (~noisy) if is_clean is None else is_clean.bool().cpu()
     groups = layer_groups(model)
     numel = {n: p.numel() for n, p in model.named_parameters()}
-    sides: dict[str, dict[str, torch.Tensor] | None] = {}
+    sums: dict[str, dict[str, torch.Tensor] | None] = {}
+    norms: dict[str, dict[str, float | None]] = {}
     for side, mask in (("clean", clean), ("noisy", noisy)):
         idx = torch.nonzero(mask).flatten()
-        sides[side] = summed_gradients(model, x[idx], y[idx], batch_size) if len(idx) else None
+        if len(idx) == 0:
+            sums[side], norms[side] = None, dict.fromkeys(groups)
+            continue
+        total, fold_sq, sizes = fold_gradients(model, x[idx], y[idx], folds, batch_size)
+        sums[side], norms[side] = total, mean_gradient_norms(total, fold_sq, sizes, groups)
     counts = {"clean": int(clean.sum()), "noisy": int(noisy.sum())}
 
     out: dict[str, dict[str, float | int | None]] = {}
     for group, names in groups.items():
-        flat = {s: (_flat(g, names) if g is not None else None) for s, g in sides.items()}
         num_params = sum(numel[n] for n in names)
         scale = math.sqrt(num_params) if num_params else math.nan
-        gc, gn = flat["clean"], flat["noisy"]
-        out[group] = {
-            "cos": _cos(gc, gn) if gc is not None and gn is not None else None,
-            "norm_clean": float(gc.norm()) / scale if gc is not None else None,
-            "norm_noisy": float(gn.norm()) / scale if gn is not None else None,
-            "num_params": num_params,
-            "num_clean": counts["clean"],
-            "num_noisy": counts["noisy"],
+        gc, gn = (_flat(s, names) if s is not None else None for s in sums.values())
+        row: dict[str, float | int | None] = {
+            "cos": _cos(gc, gn) if gc is not None and gn is not None else None
         }
+        for side in ("clean", "noisy"):
+            u = norms[side][group]
+            row[f"norm_of_mean_{side}"] = None if u is None else math.sqrt(max(u, 0.0)) / scale
+        row.update(num_params=num_params, num_clean=counts["clean"], num_noisy=counts["noisy"])
+        out[group] = row
     return out
 
 

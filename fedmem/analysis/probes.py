@@ -71,7 +71,11 @@ class GradientProbe:
     """Clean-vs-mislabeled gradient geometry per layer every ``cfg.every`` rounds.
 
     Uses at most ``cfg.max_examples`` clean and as many mislabeled rows, chosen once with the
-    seed, so every round (and both runs) measure the same examples.
+    seed, so every round (and both runs) measure the same examples. The norms are of mean
+    gradients (:func:`~fedmem.analysis.gradients.gradient_geometry`), so the cap does not
+    scale them; rows also carry each group's size in the table (``population_clean``,
+    ``population_noisy``): times ``norm_of_mean`` it is the group's share of the full-data
+    gradient norm that Maini et al. (2023) plot.
     """
 
     def __init__(
@@ -85,6 +89,8 @@ class GradientProbe:
     ):
         rng = np_rng(seed, "gradient-subsample")
         picked = []
+        self.population = {"population_clean": int(table.is_clean.sum())}
+        self.population["population_noisy"] = int(table.is_noisy.sum())
         for mask in (table.is_clean, table.is_noisy):
             rows = torch.nonzero(mask).flatten().numpy()
             if len(rows) > cfg.max_examples:
@@ -101,7 +107,14 @@ class GradientProbe:
         geo = gradient_geometry(model, self.x, self.y, self.is_noisy, self.batch_size)
         for layer, values in geo.items():
             self.sink(
-                {"run": self.run, "round": round_, "kind": "examples", "layer": layer, **values}
+                {
+                    "run": self.run,
+                    "round": round_,
+                    "kind": "examples",
+                    "layer": layer,
+                    **values,
+                    **self.population,
+                }
             )
         return None
 

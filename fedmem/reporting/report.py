@@ -18,6 +18,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
     header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
     return md_table(
@@ -143,12 +147,38 @@ def render_report(run_dir: str | Path) -> Path:
             "## Where: clean vs mislabeled gradients per layer",
             "",
             "Cosine between the summed gradients of clean and of mislabeled training "
-            "examples, per layer and round (Maini et al. 2023, Fig. 2); norms in "
-            "`gradients.jsonl` are divided by sqrt(#params).",
+            "examples, per layer and round (Maini et al. 2023, Fig. 2). Norms are of each "
+            "group's *mean* gradient (`norm_of_mean_*` in `gradients.jsonl`, an unbiased "
+            "estimate of the squared norm, divided by sqrt(#params)), so groups of different "
+            "sizes compare (0: below the estimate's sampling noise); Maini et al.'s summed "
+            "contribution is `population_*` times it.",
             "",
             f"![gradient cosine]({heat.relative_to(run_dir)})",
             "",
         ]
+        last = [g for g in grad_rows if g.get("kind", "examples") == "examples"]
+        last = [g for g in last if g["round"] == max(h["round"] for h in last)]
+        if last and "norm_of_mean_clean" in last[0]:
+            out += [
+                md_table(
+                    ["run", "round", "layer", "cos", "norm of mean: clean", "mislabeled", "ratio"],
+                    [
+                        [
+                            g["run"],
+                            g["round"],
+                            g["layer"],
+                            _fmt(g["cos"], "{:.3f}"),
+                            _fmt(g["norm_of_mean_clean"], "{:.3g}"),
+                            _fmt(g["norm_of_mean_noisy"], "{:.3g}"),
+                            _fmt(
+                                _ratio(g["norm_of_mean_noisy"], g["norm_of_mean_clean"]), "{:.2f}"
+                            ),
+                        ]
+                        for g in last
+                    ],
+                ),
+                "",
+            ]
     upd = [g for g in grad_rows if g.get("kind") == "client_updates"]
     if upd:
         out += [
