@@ -14,6 +14,7 @@ from fedmem.analysis.gradients import (
     gradient_geometry,
     layer_groups,
     mean_gradient_norms,
+    split_clients,
     summed_gradients,
     update_cosine,
 )
@@ -280,3 +281,110 @@ def test_update_cosine():
     # the mean update, not the mean cosine: a = [u, v], b = [u + v] -> cos 1
     both = {n: u[n] + v[n] for n in u}
     assert all(c == pytest.approx(1.0) for c in update_cosine([u, v], [both], groups).values())
+
+
+def test_split_clients():
+    # clean clients exist: mislabeled vs clean
+    s = split_clients({0: 0.0, 1: 0.3, 2: 0.0, 3: 0.1})
+    assert (s.split, s.threshold, s.noisier, s.cleaner) == (
+        "mislabeled_vs_clean",
+        0.0,
+        [1, 3],
+        [0, 2],
+    )
+    rec = s.record()
+    assert rec["noisier_clients"] == 2 and rec["cleaner_clients"] == 2
+    assert rec["noisier_mean_share"] == pytest.approx(0.2) and rec["cleaner_mean_share"] == 0.0
+    # noise everywhere: above vs at or below the median share
+    s = split_clients({5: 0.40, 1: 0.35, 2: 0.45, 7: 0.38})
+    assert s.split == "noisy_share_above_median"
+    assert s.threshold == pytest.approx(0.39)
+    assert (s.noisier, s.cleaner) == ([2, 5], [1, 7])
+    s = split_clients({0: 0.2, 1: 0.1, 2: 0.3})  # odd: the median client is in the cleaner half
+    assert (s.threshold, s.noisier, s.cleaner) == (0.2, [2], [0, 1])
+    # equal shares (or none): the noisier group is empty, the cosine undefined
+    s = split_clients({0: 0.2, 1: 0.2})
+    assert s.noisier == [] and s.cleaner == [0, 1] and s.record()["noisier_mean_share"] is None
+    assert split_clients({}).record()["cleaner_clients"] == 0
+
+
+def _mean_delta(delta: dict, clients: list[int], names: list[str]) -> torch.Tensor:
+    """The mean over ``clients`` of their updates, flattened over ``names``."""
+    return torch.stack([torch.cat([delta[c][n].flatten() for n in names]) for c in clients]).mean(0)
+
+
+class _Updates:
+    """Stands in for the server's UpdateLog: keeps every round's start weights and clients."""
+
+    def __init__(self):
+        self.rounds: dict[int, tuple[dict, dict]] = {}
+
+    def save(self, round_: int, start: dict, clients: dict) -> None:
+        self.rounds[round_] = ({k: v.clone() for k, v in start.items()}, clients)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "noise, split",
+    [
+        ([], "noisy_share_above_median"),  # 20% symmetric noise: every client holds some
+        (["data.noise.client_rates={1: 0.4, 2: 0.2}"], "mislabeled_vs_clean"),
+    ],
+)
+def test_federated_update_cosine_on_every_round(tmp_path, noise, split):
+    from fedmem import config
+    from fedmem.federation.engine import run_federated
+    from strategies.sampling import sample_partitions
+    from tests.conftest import REPO, federated_job, small_overrides
+
+    cfg = config.load(
+        REPO / "configs" / "default.yaml",
+        [
+            *small_overrides(tmp_path),
+            "federation.backend=local",
+            "federation.fraction_train=0.75",
+            "train.rounds=2",
+            "analysis.gradients.enabled=false",
+            *noise,
+        ],
+    )
+    job, _, _ = federated_job(cfg)
+    grads: list[dict] = []
+    job.gradient_sink = grads.append
+    job.updates = _Updates()  # type: ignore[assignment]
+    run_federated(job)
+
+    table = job.table
+    fed = cfg.federation
+    for r in (1, 2):
+        sampled = sample_partitions(cfg.seed, r, fed.num_clients, 0.75, fed.min_train_clients)
+        assert len(sampled) == 3
+        # the split, recomputed from the table: shares, threshold, groups
+        share = {p: float(table.is_noisy[table.client_rows(p)].float().mean()) for p in sampled}
+        if split == "mislabeled_vs_clean":
+            assert min(share.values()) == 0.0 < max(share.values())
+            noisier = [p for p in sampled if share[p] > 0]
+        else:
+            assert min(share.values()) > 0.0
+            noisier = [max(sampled, key=share.get)]  # above the median of three
+        cleaner = [p for p in sampled if p not in noisier]
+        # the cosine of the mean updates, from the clients' models
+        start, clients = job.updates.rounds[r]
+        delta = {p: {k: clients[p][k].double() - start[k].double() for k in start} for p in sampled}
+        rows = [g for g in grads if g["round"] == r]
+        assert [g["layer"] for g in rows] == ["net.1", "net.3", "net.5"]
+        for g in rows:
+            assert g["split"] == split
+            assert g["noisier_clients"] + g["cleaner_clients"] == len(sampled)
+            assert g["noisier_clients"] == len(noisier)
+            assert g["noisier_mean_share"] == pytest.approx(
+                sum(share[p] for p in noisier) / len(noisier), abs=1e-6
+            )
+            assert g["cleaner_mean_share"] == pytest.approx(
+                sum(share[p] for p in cleaner) / len(cleaner), abs=1e-6
+            )
+            names = [f"{g['layer']}.weight", f"{g['layer']}.bias"]
+            a, b = (_mean_delta(delta, ps, names) for ps in (noisier, cleaner))
+            expected = float(a @ b / (a.norm() * b.norm()))
+            assert g["cos"] is not None
+            assert g["cos"] == pytest.approx(expected, abs=1e-5)

@@ -15,13 +15,16 @@ sample mean carries (:func:`mean_gradient_norms`). Maini et al.'s total contribu
 is its population count times ``norm_of_mean``.
 
 :func:`update_cosine` is the federated analogue: per layer, the cosine between the mean model
-update of clients holding mislabeled data and the mean update of clean clients.
+update of two groups of clients; :func:`split_clients` defines the groups (clients holding
+mislabeled data vs clean clients where both exist, else the noisier vs the cleaner half).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +216,64 @@ def gradient_geometry(
     return out
 
 
+@dataclass
+class ClientSplit:
+    """Two groups of a round's clients for :func:`update_cosine`, and how they were drawn."""
+
+    split: str  # "mislabeled_vs_clean" or "noisy_share_above_median"
+    threshold: float  # noisier: noisy share > threshold; cleaner: <= threshold
+    noisier: list[int]
+    cleaner: list[int]
+    noisy_share: dict[int, float]
+
+    def record(self) -> dict[str, Any]:
+        """The split as output columns: definition, threshold, group sizes and mean shares."""
+
+        def mean(ids: list[int]) -> float | None:
+            return sum(self.noisy_share[i] for i in ids) / len(ids) if ids else None
+
+        return {
+            "split": self.split,
+            "threshold": self.threshold,
+            "noisier_clients": len(self.noisier),
+            "cleaner_clients": len(self.cleaner),
+            "noisier_mean_share": mean(self.noisier),
+            "cleaner_mean_share": mean(self.cleaner),
+        }
+
+
+def split_clients(noisy_share: Mapping[int, float]) -> ClientSplit:
+    """Split clients by the share of mislabeled examples they hold.
+
+    Where clean clients (share 0) and clients holding mislabeled data both exist (e.g.
+    ``data.noise.client_rates``), the groups are those (``"mislabeled_vs_clean"``, threshold
+    0). Otherwise (e.g. symmetric noise on every client), the noisier group holds the clients
+    whose share is above the median share of these clients, the cleaner group the others
+    (``"noisy_share_above_median"``): with distinct shares, two halves. Every client is in
+    exactly one group; a group is empty only when all shares are equal.
+    """
+    shares = {int(k): float(v) for k, v in noisy_share.items()}
+    values = sorted(shares.values())
+    if values and values[0] == 0.0 < values[-1]:
+        split, threshold = "mislabeled_vs_clean", 0.0
+    else:
+        split = "noisy_share_above_median"
+        mid = len(values) // 2
+        threshold = (
+            (values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2)
+            if values
+            else 0.0
+        )
+    ids = sorted(shares)
+    return ClientSplit(
+        split,
+        threshold,
+        noisier=[i for i in ids if shares[i] > threshold],
+        cleaner=[i for i in ids if shares[i] <= threshold],
+        noisy_share=shares,
+    )
+
+
 def _mean_update(
     updates: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
 ) -> torch.Tensor:
@@ -229,7 +290,8 @@ def update_cosine(
 
     An update is a state-dict delta ``{name: theta_client - theta_global}``; ``groups`` maps a
     group to parameter names (:func:`layer_groups`; buffers such as BatchNorm statistics are
-    not in it). Typically ``a`` = clients holding mislabeled examples, ``b`` = clean clients.
+    not in it). Typically ``a`` / ``b`` = the noisier / cleaner clients of
+    :func:`split_clients`.
     None for every group when either list is empty, and for a group whose mean update is zero.
     """
     out: dict[str, float | None] = {}

@@ -26,7 +26,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from fedmem.analysis.gradients import layer_groups, update_cosine
+from fedmem.analysis.gradients import layer_groups, split_clients, update_cosine
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
 from fedmem.models.factory import init_model
@@ -88,19 +88,26 @@ def update_geometry(
     round_: int,
     sink: Callable[[dict[str, Any]], None],
 ) -> None:
-    """Per layer, cosine between the mean update of clients holding mislabeled data and the
-    mean update of clean clients (the federated analogue of Maini et al. 2023, Fig. 2).
+    """Per layer, cosine between the mean update of the noisier and of the cleaner clients of
+    the round (the federated analogue of Maini et al. 2023, Fig. 2).
 
-    ``global_model`` still holds the weights the clients started the round from.
+    The groups are :func:`~fedmem.analysis.gradients.split_clients` of the noisy shares the
+    clients report: holding mislabeled data vs clean where both exist, else above vs at or
+    below the median share. Each row records the split, its threshold, and each group's size
+    and mean noisy share. ``global_model`` still holds the weights the clients started from.
     """
     start = global_model.state_dict()
-    noisy_share = {row["client"]: row.get("noisy_share", 0.0) for row in report.clients}
-    updates: dict[bool, list[dict[str, torch.Tensor]]] = {True: [], False: []}
-    for pid, arrays in report.arrays.items():
-        state = arrays.to_torch_state_dict()
-        delta = {k: state[k].float() - start[k].float() for k in start}
-        updates[noisy_share.get(pid, 0.0) > 0].append(delta)
-    cos = update_cosine(updates[True], updates[False], layer_groups(global_model))
+    shares = {r["client"]: r["noisy_share"] for r in report.clients if "noisy_share" in r}
+    split = split_clients({pid: shares[pid] for pid in report.arrays if pid in shares})
+    deltas = {}
+    for pid in split.noisier + split.cleaner:
+        state = report.arrays[pid].to_torch_state_dict()
+        deltas[pid] = {k: state[k].float() - start[k].float() for k in start}
+    cos = update_cosine(
+        [deltas[p] for p in split.noisier],
+        [deltas[p] for p in split.cleaner],
+        layer_groups(global_model),
+    )
     for layer, value in cos.items():
         sink(
             {
@@ -109,8 +116,7 @@ def update_geometry(
                 "kind": "client_updates",
                 "layer": layer,
                 "cos": value,
-                "noisy_clients": len(updates[True]),
-                "clean_clients": len(updates[False]),
+                **split.record(),
             }
         )
 

@@ -22,6 +22,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _clients(count: int | None, share: float | None) -> str:
+    """A group of clients as ``count (mean mislabeled share)``."""
+    return f"{count} ({_fmt(share, '{:.3f}')})"
+
+
 def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
     header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
     return md_table(
@@ -181,10 +190,29 @@ def render_report(run_dir: str | Path) -> Path:
             ]
     upd = [g for g in grad_rows if g.get("kind") == "client_updates"]
     if upd:
+        last = [g for g in upd if g["round"] == upd[-1]["round"]]
         out += [
-            "Federated analogue: cosine between the mean update of clients holding "
-            "mislabeled data and of clean clients, per layer, in `gradients.jsonl` "
-            "(`kind: client_updates`).",
+            "Federated analogue: cosine between the mean update of the noisier and of the "
+            "cleaner clients of a round, per layer, in `gradients.jsonl` "
+            "(`kind: client_updates`). `mislabeled_vs_clean`: clients holding mislabeled "
+            "data vs clients without; `noisy_share_above_median` (noise on every client): "
+            "clients whose mislabeled share is above the round's median vs the others: a "
+            "contrast between more and less noise (the groups' mean shares), not noise vs none.",
+            "",
+            md_table(
+                ["round", "layer", "cos", "split", "noisier: clients (share)", "cleaner"],
+                [
+                    [
+                        g["round"],
+                        g["layer"],
+                        _fmt(g["cos"], "{:.3f}"),
+                        g.get("split"),
+                        _clients(g.get("noisier_clients"), g.get("noisier_mean_share")),
+                        _clients(g.get("cleaner_clients"), g.get("cleaner_mean_share")),
+                    ]
+                    for g in last
+                ],
+            ),
             "",
         ]
     mem = summary.get("memorization_scores") or {}
