@@ -22,10 +22,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
 def _clients(count: int | None, share: float | None) -> str:
     """A group of clients as ``count (mean mislabeled share)``."""
     return f"{count} ({_fmt(share, '{:.3f}')})"
