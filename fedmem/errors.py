@@ -13,3 +13,10 @@ class ConfigError(InputError):
 
 class DataError(InputError):
     """A dataset cannot be read from the given location."""
+
+
+class RunFailed(Exception):
+    """A run that ended without a usable result, through no fault of the input (e.g. every
+    federated round was lost): the CLI prints one line and exits with code 4."""
+
+    exit_code = 4

@@ -8,6 +8,7 @@ on mislabeled examples, ``noisy_true_acc`` (predicting the true label: early lea
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -78,6 +79,20 @@ def evaluate_logits(
     return row, train_logits
 
 
+def diverged(model: nn.Module, row: Row) -> bool:
+    """Whether training has diverged: a non-finite weight, or a non-finite loss in ``row``."""
+    losses = [v for k, v in row.items() if k.endswith("loss") and isinstance(v, float)]
+    if not all(math.isfinite(v) for v in losses):
+        return True
+    return not all(bool(torch.isfinite(p).all()) for p in model.state_dict().values())
+
+
+def stops_here(cfg: Any, row: Row) -> bool:
+    """Whether a run ends after ``row``'s round: its model diverged and
+    ``train.on_divergence`` is ``stop`` (``cfg``: an ExperimentConfig)."""
+    return bool(row.get("diverged")) and cfg.train.on_divergence == "stop"
+
+
 def evaluate(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> Row:
     """Test accuracy and loss plus :func:`fit_metrics` on the training table."""
     return evaluate_logits(model, table, batch_size)[0]
@@ -102,7 +117,9 @@ class Observer:
     saved as a checkpoint when the run ends.
 
     Rows: ``{"run", "round", <evaluate() fields>, <extra fields>, "wall_s"}``; ``wall_s`` is
-    the time since :meth:`start`, evaluations included.
+    the time since :meth:`start`, evaluations included. A row whose model has diverged
+    (:func:`diverged`: non-finite weights or loss) also has ``"diverged": True``; its
+    non-finite numbers are written as null (:func:`fedmem.runs.rundir.json_safe`).
     """
 
     TIMING_FIELDS = ("wall_s",)
@@ -141,6 +158,8 @@ class Observer:
         row = {"run": self.run, "round": round_, **metrics, **extra}
         for probe in self.probes:
             row.update(probe(round_, model, train_logits) or {})
+        if diverged(model, row):
+            row["diverged"] = True
         row["wall_s"] = round(time.perf_counter() - self._t0, 4)
         self.last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.rows.append(row)

@@ -1,6 +1,7 @@
 """``python -m fedmem.report RUN_DIR [RUN_DIR ...]``: re-render each run's ``report.md`` and
 ``plots/`` from the files in its directory (:mod:`fedmem.reporting.report`) and print one table
-comparing the runs.
+comparing the runs. Exit codes: 0 done, 2 a RUN_DIR that is not a complete run directory or
+whose summary.json is missing or unreadable (one line naming the file and the fix).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fedmem.errors import InputError
 from fedmem.reporting.report import compare_table, render_report
 
 
@@ -29,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: RUN_DIR {d} is not a complete run directory (no COMPLETE or "
                 "summary.json); run python -m fedmem.simulate first",
                 markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             return 2
-    for d in args.run_dirs:
-        console.print(f"wrote {render_report(d)}")
-    console.print(compare_table(args.run_dirs))
+    try:
+        for d in args.run_dirs:
+            console.print(f"wrote {render_report(d)}")
+        table = compare_table(args.run_dirs)
+    except InputError as e:  # e.g. a corrupt summary.json
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    console.print(table)
     return 0
 
 

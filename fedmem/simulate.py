@@ -8,6 +8,12 @@ and prints the final table. A complete run directory is reused unless ``--force`
 interrupted one (killed, Ctrl-C, power loss) continues from its last checkpoint when the same
 command is run again. Ctrl-C stops with one line and exit code 130. Another ``simulate`` of
 the same run makes this one exit with code 2 (or wait, with ``--wait``).
+
+Exit codes: 0 done (also when a model diverged: the run is complete, says "diverged at round
+r" and is marked in the table and summary.json; ``train.on_divergence`` chooses whether that
+model stops there or trains on), 2 bad input (a key, a file, ``--out``), 4 the run failed
+without a result (every federated round was lost: nothing is marked complete, and the same
+command retrains the federated model), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import fedmem
 from fedmem import config as config_mod
 from fedmem.config import ExperimentConfig
-from fedmem.errors import InputError
+from fedmem.errors import InputError, RunFailed
 from fedmem.progress import cli_console
 from fedmem.reporting.tables import runs_table
 from fedmem.runs.experiment import run_or_load
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             run_recipe(args.recipe, cfg, console, force=args.force)
             return 0
         rd, summary = run_or_load(cfg, console, args.force, wait=wait)
-    except InputError as e:
+    except (InputError, RunFailed) as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:

@@ -52,3 +52,45 @@ class CallCounter(Plugin):
             "losses": self.losses,
             "rows": self.seen_rows,
         }
+
+
+class FailingClient(Plugin):
+    """Raises in every federated client, every round (every federated round is lost); the
+    central run does not use it."""
+
+    name = "failing"
+    fail_rounds: tuple[int, ...] | None = None  # None: every round
+
+    @classmethod
+    def from_config(cls, cfg, run):
+        return cls() if run == "federated" else None
+
+    def begin_round(self, ctx: RoundContext, model, optimizer):
+        if self.fail_rounds is None or ctx.round in self.fail_rounds:
+            raise RuntimeError(f"injected client failure in round {ctx.round}")
+        return model, optimizer
+
+
+class FailingRound2(FailingClient):
+    """Every federated client fails in round 2 only (that one round is lost)."""
+
+    name = "failing_round2"
+    fail_rounds = (2,)
+
+
+class InterruptFederatedOnce(Plugin):
+    """Ctrl-C (KeyboardInterrupt) in the first federated client training after
+    ``armed = True``: the run is interrupted after its central run; later rounds train."""
+
+    name = "interrupt_once"
+    armed = False
+
+    @classmethod
+    def from_config(cls, cfg, run):
+        return cls() if run == "federated" else None
+
+    def begin_round(self, ctx: RoundContext, model, optimizer):
+        if InterruptFederatedOnce.armed:
+            InterruptFederatedOnce.armed = False
+            raise KeyboardInterrupt
+        return model, optimizer

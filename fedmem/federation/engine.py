@@ -29,6 +29,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 
 from fedmem.federation.client_app import THREADS_ENV  # noqa: E402
 from fedmem.federation.server_app import FederatedJob, make_server_app  # noqa: E402
+from fedmem.observer import stops_here  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def _check(job: FederatedJob) -> None:
     if job.error is not None:
         raise job.error
     expected = job.cfg.train.rounds + 1
+    if job.rows and stops_here(job.cfg, job.rows[-1]):
+        expected = int(job.rows[-1]["round"]) + 1  # stopped where the model diverged
     if len(job.rows) != expected:
         raise RuntimeError(
             f"federated run observed {len(job.rows)} of {expected} rounds; see Flower's log"

@@ -30,7 +30,7 @@ from fedmem.analysis.gradients import layer_groups, split_clients, update_cosine
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
 from fedmem.models.factory import init_model
-from fedmem.observer import Observer
+from fedmem.observer import Observer, stops_here
 from fedmem.privacy.epsilon import INF, json_epsilon
 from fedmem.runs.checkpoints import ModelCheckpoints, UpdateLog, cpu_state
 from strategies import RoundReport, build_strategy, clients_per_round
@@ -188,13 +188,15 @@ def run_rounds(
     train_config: ConfigRecord,
     evaluate_fn: Callable[[int, ArrayRecord], Any],
     timeout: float = ROUND_TIMEOUT_S,
+    stop: Callable[[int], bool] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..num_rounds`` of Flower's ``Strategy.start`` loop.
 
     The same calls in the same order as ``flwr.serverapp.strategy.Strategy.start`` (configure,
     send and receive, aggregate; client-side evaluation when the strategy asks for it; the
     server-side ``evaluate_fn``), which always starts at round 1 and so cannot resume a run.
-    Round 0's evaluation (the initial model) happens when ``first_round == 1``.
+    Round 0's evaluation (the initial model) happens when ``first_round == 1``. ``stop(r)``
+    true after round ``r``'s evaluation ends the run there (a diverged model).
     """
     if first_round == 1:
         evaluate_fn(0, arrays)
@@ -209,6 +211,8 @@ def run_rounds(
         if evaluate:
             strategy.aggregate_evaluate(r, grid.send_and_receive(evaluate, timeout=timeout))
         evaluate_fn(r, arrays)
+        if stop is not None and stop(r):
+            break
     return arrays
 
 
@@ -302,6 +306,7 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
         cfg.train.rounds,
         ConfigRecord(train_config),
         evaluate_fn,
+        stop=lambda r: stops_here(cfg, job.rows[-1]),
     )
     # evaluate_fn loaded the last global weights into ``model``
     job.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

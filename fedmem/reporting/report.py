@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fedmem.reporting.tables import FINAL_COLUMNS, _fmt, md_table
+from fedmem.reporting.tables import FINAL_COLUMNS, _fmt, md_table, run_label
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -30,7 +30,8 @@ def _clients(count: int | None, share: float | None) -> str:
 def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
     header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
     return md_table(
-        header, [[run] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()]
+        header,
+        [[run_label(run, s)] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()],
     )
 
 
@@ -62,10 +63,10 @@ def _models_md(models: dict[str, dict[str, Any]]) -> list[str]:
 def render_report(run_dir: str | Path) -> Path:
     """(Re)write ``report.md`` and ``plots/*.png`` of a run directory from its files."""
     from fedmem.reporting import plots
-    from fedmem.runs.rundir import atomic_write_text
+    from fedmem.runs.rundir import atomic_write_text, read_summary
 
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     out = [f"# {summary.get('name', run_dir.name)} — `{summary.get('config_hash', '')[:8]}`", ""]
     ex = summary.get("examples", {})
@@ -276,13 +277,16 @@ def _audit_md(run_dir: Path) -> list[str]:
 
 def compare_table(run_dirs: list[Path]) -> Table:
     """One table over several run directories: every run of each, final metrics."""
+    from fedmem.runs.rundir import read_summary
+
     table = Table(title="runs compared")
     table.add_column("run directory")
     table.add_column("run", style="bold")
     for _, name, _ in FINAL_COLUMNS:
         table.add_column(name, justify="right")
     for d in run_dirs:
-        summary = json.loads((d / "summary.json").read_text())
+        summary = read_summary(d)
         for run, s in summary["runs"].items():
-            table.add_row(d.name, run, *(_fmt(s.get(k), f) for k, _, f in FINAL_COLUMNS))
+            cells = (_fmt(s.get(k), f) for k, _, f in FINAL_COLUMNS)
+            table.add_row(d.name, run_label(run, s), *cells)
     return table

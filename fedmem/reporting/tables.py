@@ -26,7 +26,10 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``peak_noisy_true_acc_round`` is the round where the share of mislabeled examples
     predicted as their true label peaked (the early-learning onset; the first such round on
-    ties); it is None when the data have no mislabeled examples.
+    ties); it is None when the data have no mislabeled examples. ``diverged_at_round``: the
+    first round whose model had non-finite weights or loss (None: never). Runs with lost
+    rounds (federated) also total ``lost_rounds`` and ``client_failures`` over all rounds.
+    Metrics a diverged model made non-finite are None (JSON null).
     """
     if not rows:
         raise ValueError("no metrics rows to summarize")
@@ -42,7 +45,23 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["peak_noisy_true_acc"] = out["peak_noisy_true_acc_round"] = None
     mem = [r["noisy_memorized"] for r in rows if r["noisy_memorized"] is not None]
     out["max_noisy_memorized"] = max(mem) if mem else None
+    out.pop("diverged", None)
+    out["diverged_at_round"] = next((r["round"] for r in rows if r.get("diverged")), None)
+    if any("round_lost" in r for r in rows):
+        out["lost_rounds"] = sum(1 for r in rows if r.get("round_lost"))
+        out["client_failures"] = sum(int(r.get("clients_failed") or 0) for r in rows)
     return out
+
+
+def run_label(run: str, summary: dict[str, Any]) -> str:
+    """A run's name in tables, marked when its model diverged or rounds were lost."""
+    marks = []
+    if summary.get("diverged_at_round") is not None:
+        marks.append(f"diverged at round {summary['diverged_at_round']}")
+    if summary.get("lost_rounds"):
+        lost = summary["lost_rounds"]
+        marks.append(f"{lost} round{'s' if lost > 1 else ''} lost")
+    return f"{run} ({'; '.join(marks)})" if marks else run
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -57,7 +76,8 @@ def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") ->
     """Side-by-side table: one row per run (central, federated, ...).
 
     Columns: final test accuracy, clean-train accuracy, noisy_memorized, noisy_true_acc, the
-    round where noisy_true_acc peaked, outlier and canary accuracy, wall time.
+    round where noisy_true_acc peaked, outlier and canary accuracy, wall time. A run that
+    diverged or lost rounds is marked beside its name (:func:`run_label`).
     """
     table = Table(
         title=title,
@@ -68,7 +88,9 @@ def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") ->
     for _, name, _ in FINAL_COLUMNS:
         table.add_column(name, justify="right")
     for run, summary in runs.items():
-        table.add_row(run, *(_fmt(summary.get(k), f) for k, _, f in FINAL_COLUMNS))
+        table.add_row(
+            run_label(run, summary), *(_fmt(summary.get(k), f) for k, _, f in FINAL_COLUMNS)
+        )
     return table
 
 

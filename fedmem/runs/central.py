@@ -23,7 +23,7 @@ from fedmem.data.table import ExampleTable
 from fedmem.methods import RoundContext, build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import init_model, resolve_device
-from fedmem.observer import Observer
+from fedmem.observer import Observer, stops_here
 from fedmem.privacy.epsilon import privacy_fields
 from fedmem.runs.checkpoints import ModelCheckpoints, cpu_state
 from fedmem.train import keyed_order, make_optimizer, train_epochs
@@ -94,6 +94,8 @@ def run_central(
         row = observer.rows[-1] if observer.rows else None  # restored by the orchestrator
     if on_round and row is not None:
         on_round(start, row)
+    if row is not None and stops_here(cfg, row):
+        return model  # resumed after the round where it diverged and stopped
     for r in range(start + 1, cfg.train.rounds + 1):
         order = keyed_order(cfg.seed, r, rows, len(table))
         dp = None
@@ -131,4 +133,6 @@ def run_central(
         save(r)
         if on_round:
             on_round(r, row)
+        if stops_here(cfg, row):
+            break
     return model

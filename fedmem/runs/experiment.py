@@ -20,9 +20,9 @@ from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, trajectory_su
 from fedmem.analysis.tracking import save_trajectories
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
-from fedmem.errors import ConfigError
+from fedmem.errors import ConfigError, RunFailed
 from fedmem.models.factory import init_model
-from fedmem.observer import Observer
+from fedmem.observer import Observer, stops_here
 from fedmem.reporting.report import render_report
 from fedmem.reporting.tables import summarize_rows
 from fedmem.runs.central import run_central
@@ -30,7 +30,7 @@ from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
 from fedmem.runs.devices import check_devices
 from fedmem.runs.lock import RunLock
 from fedmem.runs.records import experiment_records
-from fedmem.runs.rundir import RunDir
+from fedmem.runs.rundir import RunDir, check_output_dir
 from strategies.sampling import user_dp_sampling
 
 
@@ -139,7 +139,8 @@ def run_experiment(
                 else None,
                 state_dir=str(rd.path / "client_state"),
             )
-            if resumed.get("federated") == cfg.train.rounds:
+            stopped = bool(fed_obs.rows) and stops_here(cfg, fed_obs.rows[-1])
+            if resumed.get("federated") == cfg.train.rounds or stopped:
                 job.final_state = ckpts["federated"].load_resume()["model"]  # type: ignore[index]
                 fed_obs.last_state = job.final_state
             else:
@@ -156,10 +157,12 @@ def run_experiment(
                     "ray_start_s": round(eng.ray_start_s, 3),
                     "federated_simulation_s": round(eng.simulation_s, 3),
                 }
+    rows = rd.read_metrics()
+    if cfg.federation.enabled:
+        check_rounds_lost(rd, [r for r in rows if r["run"] == "federated"], ckpts["federated"])
     for run, obs in observers.items():
         if obs.last_state is not None:
             ckpts[run].save_final(obs.last_state)
-    rows = rd.read_metrics()
     runs = {
         name: summarize_rows([r for r in rows if r["run"] == name])
         for name in dict.fromkeys(r["run"] for r in rows)
@@ -212,6 +215,48 @@ def run_experiment(
     render_report(rd.path)
     rd.finish()
     return summary
+
+
+def check_rounds_lost(rd: RunDir, rows: list[dict], ckpt: ModelCheckpoints) -> None:
+    """Raise :class:`RunFailed` when every round of the federated run was lost (no client
+    update was ever aggregated: its model is the initialization). Its resume state is
+    removed first, so the same command retrains it (the central run is kept)."""
+    trained = [r for r in rows if r["round"] > 0]
+    if not trained or not all(r.get("round_lost") for r in trained):
+        return
+    failures = sum(int(r.get("clients_failed") or 0) for r in trained)
+    first = next((c for c in rd.read_jsonl("clients.jsonl") if c.get("failed")), None)
+    why = f"; first: client {first['client']} in round {first['round']}: " if first else ""
+    why += str(first.get("reason", ""))[:200] if first else ""
+    ckpt.resume_path.unlink(missing_ok=True)
+    raise RunFailed(
+        f"federated: all {len(trained)} rounds were lost ({failures} client failures{why}); "
+        f"no model was trained. Fix the cause (clients.jsonl in {rd.path}) and run the same "
+        "command again"
+    )
+
+
+def run_notes(runs: dict[str, dict], rounds: int) -> list[str]:
+    """One line per run that diverged or lost rounds (from summary.json's ``runs``)."""
+    lines = []
+    for run, s in runs.items():
+        r = s.get("diverged_at_round")
+        if r is not None:
+            then = (
+                "stopped there (train.on_divergence=stop)"
+                if s.get("rounds") == r
+                else f"continued to round {s.get('rounds')} (train.on_divergence=continue)"
+            )
+            lines.append(
+                f"warning: {run} diverged at round {r} (non-finite weights or loss); {then}; "
+                "a smaller train.lr may help"
+            )
+        if s.get("lost_rounds"):
+            lines.append(
+                f"warning: {run}: {s['lost_rounds']} of {rounds} rounds lost "
+                f"({s.get('client_failures')} client failures; reasons in clients.jsonl)"
+            )
+    return lines
 
 
 def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict:
@@ -301,11 +346,22 @@ def run_or_load(
     ``simulate`` of the same config waits ``wait`` seconds for it (None: as long as it takes),
     then exits with code 2.
     """
+    rd, summary = _run_or_load(cfg, console, force, wait)
+    for line in run_notes(summary["runs"], cfg.train.rounds):
+        console.print(line, markup=False, highlight=False)
+    return rd, summary
+
+
+def _run_or_load(
+    cfg: ExperimentConfig, console: Console, force: bool, wait: float | None
+) -> tuple[RunDir, dict]:
     rd = RunDir.for_config(cfg)
     if rd.complete and not force:
         console.print(f"cached: {rd.path} is complete (use --force to recompute)")
         return rd, rd.read_summary()
+    check_output_dir(cfg)  # an unusable --out fails here, before any work
     table = prepare(cfg)  # bad input fails here, before the run directory exists
+    check_output_dir(cfg, create=True)
     with RunLock(rd.path, wait=wait):
         if rd.complete and not force:  # another process finished it meanwhile
             console.print(f"cached: {rd.path} is complete (use --force to recompute)")

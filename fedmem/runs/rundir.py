@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from fedmem.config import ExperimentConfig, config_hash, to_dict
+from fedmem.errors import InputError
 from fedmem.runs.checkpoints import ModelCheckpoints, UpdateLog
 
 COMPLETE = "COMPLETE"
@@ -57,6 +58,53 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def run_path(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output.dir) / f"{cfg.output.name}-{config_hash(cfg)[:8]}"
+
+
+def check_output_dir(cfg: ExperimentConfig, create: bool = False) -> None:
+    """A one-line :class:`InputError` unless ``output.dir`` (``--out``) is a folder this
+    process can write run directories in.
+
+    ``create=False`` writes nothing lasting: no path on the way may be a file, the nearest
+    existing folder must be writable, and an existing ``output.dir`` must take a temporary
+    file (removed at once; this also catches read-only file systems). ``create=True`` also
+    creates ``output.dir``."""
+    out, key = Path(cfg.output.dir), "output.dir (--out)"
+    for path in (out, run_path(cfg)):
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{key}: {path} is a file, not a folder; choose another --out")
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise InputError(f"{key}: {existing} is a file, not a folder; choose another --out")
+    try:
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+        if out.is_dir():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=".fedmem-write-test.")
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise InputError(
+            f"{key}: cannot write in {out} ({e.strerror or type(e).__name__}); choose a "
+            "writable folder"
+        ) from None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/summary.json`` (a dict with ``runs``), or a one-line :class:`InputError`
+    naming the file and the fix (rerun the simulation with ``--force``)."""
+    path = Path(run_dir) / "summary.json"
+    fix = "rerun python -m fedmem.simulate with --force (same config) to rewrite it"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({type(e).__name__}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise InputError(f"{path}: not a fedmem summary (no 'runs' section); {fix}")
+    return data
 
 
 class RunDir:
@@ -171,9 +219,10 @@ class RunDir:
         self.metrics_path.touch()
 
     def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
-        """Append one JSON row (flushed, so a crash loses at most the row being written)."""
+        """Append one JSON row (flushed, so a crash loses at most the row being written);
+        NaN / infinity (a diverged model's numbers) are written as null (:func:`json_safe`)."""
         with open(self.path / name, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         self.append_jsonl("metrics.jsonl", row)
@@ -189,7 +238,9 @@ class RunDir:
             return [json.loads(line) for line in f if line.strip()]
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        """Write ``data`` as strict JSON (NaN / infinity as null, :func:`json_safe`)."""
+        text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+        atomic_write_text(self.path / name, text)
 
     def read_config(self) -> ExperimentConfig:
         """The run's resolved config (``config.yaml``)."""
@@ -198,7 +249,8 @@ class RunDir:
         return build(yaml.safe_load((self.path / "config.yaml").read_text()))
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads((self.path / "summary.json").read_text())
+        """``summary.json``; a missing or unreadable one is a one-line :class:`InputError`."""
+        return read_summary(self.path)
 
     def checkpoint_path(self, run: str) -> Path:
         return self.path / "checkpoints" / f"{run}.pt"
