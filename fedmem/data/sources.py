@@ -200,20 +200,53 @@ def _open(cfg: DataConfig, cls: type, root: Path, train: bool):
         ) from e
 
 
+def _value_problem(x: np.ndarray, y: np.ndarray, num_classes: int) -> str | None:
+    """What is wrong with a split that parsed: image and label counts that differ, or a
+    label outside ``0..num_classes-1`` (None: nothing)."""
+    if len(x) != len(y):
+        return f"{len(x)} images but {len(y)} labels"
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return (
+            f"label {int(y[i])} at example {i} ({int(bad.sum())} outside the classes "
+            f"0..{num_classes - 1})"
+        )
+    return None
+
+
+def _bad_values(cfg: DataConfig, files: str, problem: str) -> DataError:
+    return DataError(
+        f"data.data_dir: {files} holds {problem} for data.name={cfg.name}; replace with an intact "
+        "copy of the dataset's files"
+    )
+
+
 def _load_mnist_like(cfg: DataConfig, cls_name: str) -> _Raw:
     import torchvision.datasets as tvd
 
     root = _data_dir(cfg)
     raw = root / cls_name / "raw"
     legacy = [root / cls_name / "processed" / f for f in ("training.pt", "test.pt")]
-    if not all(p.is_file() for p in legacy):  # torchvision also reads its old processed/ cache
+    use_legacy = all(p.is_file() for p in legacy)  # torchvision also reads its old processed/
+    if not use_legacy:
         _require_files(cfg, root, [raw / f for f in _MNIST_FILES])
     cls = getattr(tvd, cls_name)
     parts = []
     for train in (True, False):
         ds = _open(cfg, cls, root, train)
         x = ds.data.numpy().reshape(-1, 1, 28, 28)
-        parts += [x, np.asarray(ds.targets, dtype=np.int64)]
+        y = np.asarray(ds.targets, dtype=np.int64)
+        problem = _value_problem(x, y, 10)
+        if problem is not None:
+            i = 0 if train else 2
+            files = legacy[0 if train else 1] if use_legacy else raw / _MNIST_FILES[i]
+            if not use_legacy and problem.startswith("label"):
+                files = raw / _MNIST_FILES[i + 1]
+            elif not use_legacy:
+                files = f"{files} with {raw / _MNIST_FILES[i + 1]}"
+            raise _bad_values(cfg, str(files), problem)
+        parts += [x, y]
     return _Raw(*parts, num_classes=10, scale=255.0)
 
 
@@ -231,8 +264,31 @@ def _load_cifar(cfg: DataConfig, cls_name: str) -> _Raw:
     for train in (True, False):
         ds = _open(cfg, cls, root, train)
         x = np.ascontiguousarray(np.asarray(ds.data).transpose(0, 3, 1, 2))  # NHWC -> NCHW
-        parts += [x, np.asarray(ds.targets, dtype=np.int64)]
+        y = np.asarray(ds.targets, dtype=np.int64)
+        problem = _value_problem(x, y, num_classes)
+        if problem is not None:
+            names = [n for n, _ in (ds.train_list if train else ds.test_list)]
+            raise _bad_values(cfg, *_cifar_culprit(root / folder, names, num_classes, problem))
+        parts += [x, y]
     return _Raw(*parts, num_classes=num_classes, scale=255.0)
+
+
+def _cifar_culprit(
+    folder: Path, names: list[str], num_classes: int, problem: str
+) -> tuple[str, str]:
+    """The first batch file of a CIFAR split with bad values, and its problem (the split's
+    files and the split's problem when no single file shows one)."""
+    import pickle
+
+    for name in names:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        x = np.asarray(entry["data"]).reshape(-1, 3072)
+        y = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+        found = _value_problem(x, y, num_classes)
+        if found is not None:
+            return str(folder / name), found
+    return f"{folder}/{{{','.join(names)}}}", problem
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ audit canaries that were drawn in. Never-inserted reference canaries, every audi
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,10 +29,21 @@ from fedmem.config import ExperimentConfig, config_hash
 from fedmem.data import corrupt
 from fedmem.data.partition import partition
 from fedmem.data.sources import Source, load_source
-from fedmem.errors import ConfigError
+from fedmem.errors import ConfigError, DataError
 from fedmem.seeding import np_rng
 
 AUDIT_POOL, AUDIT_CANARY = 0, 1  # ExampleTable.audit_kind
+
+# fields of an ExampleTable that must have equal lengths (a check of a cached table)
+_SAME_LENGTH = (
+    ("x", "y_obs", "y_true", "is_noisy", "is_outlier", "is_canary", "canary_id", "client"),
+    ("x", "audit_id"),
+    ("x_test", "y_test"),
+    ("canary_ref_x", "canary_ref_y"),
+    ("audit_x", "audit_y", "audit_y_true", "audit_kind", "audit_member", "audit_client"),
+    ("audit_x", "audit_row"),
+    ("heldout_x", "heldout_y", "heldout_y_true", "heldout_client"),
+)
 
 
 @dataclass(frozen=True)
@@ -104,16 +117,28 @@ class ExampleTable:
             arrays[f.name] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
         path = Path(path)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        try:  # a temporary file and a rename: the cache file is whole or absent
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> ExampleTable:
+        """Read a saved table; ValueError when its arrays do not fit together."""
         with np.load(path) as z:
             kw = {}
             for f in fields(cls):
                 a = z[f.name]
                 kw[f.name] = int(a) if a.ndim == 0 else torch.from_numpy(a)
+        for group in _SAME_LENGTH:
+            lengths = {name: len(kw[name]) for name in group}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(f"arrays of different lengths: {lengths}")
         return cls(**kw)
 
 
@@ -302,14 +327,27 @@ def cached_table(cfg: ExperimentConfig) -> ExampleTable:
 
     Federated clients call this to rebuild their partition from the config alone; on one
     machine they read the file the driver wrote, on a cluster each node builds it once.
+    A cache file that cannot be read or whose arrays do not fit together (truncated,
+    corrupt, foreign) is rebuilt, with one line on stderr saying so.
     """
     path = Path(cfg.data.cache_dir) / "tables" / f"{table_key(cfg)}.npz"
     if path.is_file():
         try:
             return ExampleTable.load(path)
-        except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # a torn or stale file: rebuild
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(
+                f"note: the table cache {path} is unreadable ({type(e).__name__}); rebuilding it",
+                file=sys.stderr,
+                flush=True,
+            )
+            path.unlink(missing_ok=True)
     table = build_table(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir: cannot write the table cache {path} ({e.strerror or e}); choose "
+            "a writable folder"
+        ) from None
     return table
