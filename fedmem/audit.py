@@ -6,7 +6,9 @@ Canary exposure, record- and client-level membership inference (loss, LiRA, RMIA
 shadow models) and the one-run empirical epsilon for the run's central and federated models
 (:mod:`fedmem.privacy.audit`). Writes ``audit.json``, ``plots/audit_roc_*.png`` and an audit
 section in ``report.md``; prints one table. Exit codes: 0 done, 2 bad input (e.g. a run
-without audit records: the message names the config keys to set), 3 an empirical lower bound
+without audit records: the message names the config keys to set; a ``config.yaml`` changed
+after the run, whose hash no longer matches summary.json's ``config_hash``; a missing or
+unreadable summary.json or checkpoint; a model that diverged), 3 an empirical lower bound
 exceeds the accountant's epsilon.
 """
 

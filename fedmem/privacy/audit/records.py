@@ -16,6 +16,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
 from fedmem.errors import InputError
 from fedmem.models.factory import experiment_model
+from fedmem.runs.checkpoints import load as load_checkpoint
 from fedmem.runs.records import ModelRecord, read_records
 from fedmem.runs.rundir import COMPLETE, RunDir
 
@@ -75,16 +76,44 @@ def open_run(path: str | Path, overrides: list[str] | None = None) -> AuditedRun
         raw = yaml.safe_load((path / "config.yaml").read_text())
     except yaml.YAMLError as e:
         raise InputError(f"RUN_DIR: {path}/config.yaml is not valid YAML ({e})") from None
+    rd = RunDir(path)
+    summary = rd.read_summary()  # missing or corrupt: one line naming summary.json
+    check_config_matches(path, config_mod.build(raw), summary)
+    diverged = {
+        name: s["diverged_at_round"]
+        for name, s in summary["runs"].items()
+        if isinstance(s, dict) and s.get("diverged_at_round") is not None
+    }
+    if diverged:
+        name, r = next(iter(diverged.items()))
+        raise InputError(
+            f"RUN_DIR: {path}: the {name} model diverged at round {r} (summary.json; "
+            "non-finite weights or loss), so there is nothing to audit; rerun with a smaller "
+            "train.lr"
+        )
     raw = config_mod.merge_dicts(raw, attack_overrides(overrides or []))
     cfg = config_mod.build(raw)
-    rd = RunDir(path)
     for run in ("central", "federated") if cfg.federation.enabled else ("central",):
         if not rd.checkpoint_path(run).is_file():
             raise InputError(
                 f"RUN_DIR: {path} has no checkpoints/{run}.pt (made by an older fedmem); "
                 "rerun it with python -m fedmem.simulate --force"
             )
-    return AuditedRun(rd, cfg, cached_table(cfg), rd.read_summary())
+    return AuditedRun(rd, cfg, cached_table(cfg), summary)
+
+
+def check_config_matches(path: Path, cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
+    """Refuse a run whose ``config.yaml`` no longer hashes to summary.json's ``config_hash``
+    (:func:`fedmem.config.config_hash`): it was edited after the run, so its ground truth
+    (members, canaries, clients) is not the trained models'."""
+    stored = summary.get("config_hash")
+    now = config_mod.config_hash(cfg)
+    if stored is not None and stored != now:
+        raise InputError(
+            f"RUN_DIR: {path / 'config.yaml'} does not match the run (config hash {now[:8]}, "
+            f"summary.json says {str(stored)[:8]}): it was changed after the run; restore it, "
+            "or run python -m fedmem.simulate with that config and audit the new run"
+        )
 
 
 def missing_parts(cfg: ExperimentConfig) -> dict[str, str]:
@@ -116,10 +145,12 @@ def load_model(run: AuditedRun, name: str, device: torch.device) -> nn.Module:
     model = experiment_model(run.cfg, run.table.input_shape, run.table.num_classes)
     checkpoint = run.records[name].checkpoint
     try:
-        model.load_state_dict(
-            torch.load(run.rd.path / checkpoint, map_location="cpu", weights_only=True)
-        )
-    except (RuntimeError, OSError, KeyError) as e:
+        model.load_state_dict(load_checkpoint(run.rd.path / checkpoint))
+    except FileNotFoundError:
+        raise InputError(
+            f"RUN_DIR: {checkpoint} is missing; rerun with python -m fedmem.simulate --force"
+        ) from None
+    except (RuntimeError, OSError, KeyError, TypeError, AttributeError) as e:
         raise InputError(
             f"RUN_DIR: {checkpoint} does not fit the run's model ({str(e)[:80]}); "
             "rerun with python -m fedmem.simulate --force"
