@@ -252,6 +252,26 @@ class TrainConfig(_Section):
     )
 
 
+class CentralConfig(_Section):
+    """What one round of the central run is matched to in the federated run.
+
+    The comparison central vs federated isolates federation only when both runs train alike;
+    these two knobs say how (recorded in summary.json and the final table's title).
+    """
+
+    match: Literal["visits", "steps"] = Field(
+        "visits",
+        description="visits: a central round passes over all rows train.local_epochs times "
+        "(as many example visits as a federated round at full participation); steps: as many "
+        "sequential optimizer steps as a client's local training (the mean over clients)",
+    )
+    optimizer: Literal["keep", "reset"] = Field(
+        "keep",
+        description="keep: optimizer state (momentum) carries across central rounds, as in "
+        "ordinary training; reset: a fresh optimizer every round, as every client has",
+    )
+
+
 class ClientResources(_Section):
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0, description="fractional GPUs pack clients on one GPU")
@@ -320,7 +340,15 @@ class PrivacyConfig(_Section):
         None, description="epsilon over the whole run; the noise multiplier is derived from it"
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clipping norm")
-    delta: float | None = Field(None, description="default 1/(10 n), n = examples of the holder")
+    delta: float | None = Field(
+        None, description="record-level delta (default 1/(10 n), n: see delta_convention)"
+    )
+    delta_convention: Literal["dataset", "holder"] = Field(
+        "dataset",
+        description="n of the default delta: dataset = all training examples, the same delta for "
+        "the central run and every client (epsilons comparable); holder = each trainer's own "
+        "examples (a client's delta is larger)",
+    )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = Field(
         "auto", description="Opacus per-sample gradient mode (auto: fastest correct one)"
@@ -441,6 +469,7 @@ class ExperimentConfig(_Section):
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    central: CentralConfig = CentralConfig()
     federation: FederationConfig = FederationConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -452,6 +481,12 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:
         n = self.federation.num_clients
+        if self.central.match == "steps" and self.privacy.record_level:
+            raise _KeyedError(
+                "central.match",
+                "steps is not available with privacy.record_level (DP-SGD plans whole "
+                "epochs of Poisson batches for its accountant); use central.match=visits",
+            )
         can = self.data.canaries
         if can.count > 0 and can.num_clients > n:
             raise _KeyedError(

@@ -30,6 +30,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.errors import InputError, RunFailed
 from fedmem.progress import cli_console
 from fedmem.reporting.tables import runs_table
+from fedmem.runs.central import matching_title
 from fedmem.runs.experiment import run_or_load
 from fedmem.runs.rundir import RunDir
 
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 130
-    console.print(runs_table(summary["runs"], title=f"{cfg.output.name}  ({rd.path})"))
+    matched = matching_title(summary.get("central_matching"))
+    title = f"{cfg.output.name}  ({rd.path})" + (f"\n{matched}" if matched else "")
+    console.print(runs_table(summary["runs"], title=title))
     if (cfg.audit.pool or cfg.audit.canaries) and "audit" not in summary:
         console.print(f"privacy audit of this run: python -m fedmem.audit {rd.path}")
     return 0

@@ -25,6 +25,7 @@ central run), each example's gradient is clipped and Gaussian noise is added. Se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -97,8 +98,13 @@ def train_epochs(
     plugins: Sequence[Plugin] = (),
     context: RoundContext | None = None,
     dp: DPSession | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) passes over (x, y).
+
+    ``max_steps``: train exactly this many optimizer steps instead, in the same batch order
+    (as many epochs as they need, the last one cut short; the central run matched on steps,
+    ``central.match=steps``). Not with ``dp``.
 
     ``order(epoch)`` gives the visit order of the local examples (:func:`keyed_order`).
     ``x``/``y`` live on the model's device. ``rows`` are the ExampleTable row ids of ``x`` (for
@@ -122,9 +128,13 @@ def train_epochs(
         model, optimizer = plugin.begin_round(ctx, model, optimizer)
     model.train()
     if dp is not None:
+        if max_steps is not None:
+            raise ValueError("train_epochs: max_steps is not supported with DP-SGD")
         result = _train_dp(model, x, y, cfg, dp, optimizer, rows, epochs, plugins, ctx)
     else:
-        result = _train(model, x, y, cfg, order, optimizer, rows, epochs, plugins, ctx)
+        if max_steps is not None:
+            epochs = math.ceil(max_steps / math.ceil(n / cfg.batch_size))
+        result = _train(model, x, y, cfg, order, optimizer, rows, epochs, plugins, ctx, max_steps)
     for plugin in plugins:
         plugin.end_round(ctx, model, result)
     return result
@@ -141,6 +151,7 @@ def _train(
     epochs: int,
     plugins: Sequence[Plugin],
     ctx: RoundContext,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """The plain loop body: keyed batch order, mean cross-entropy plus plug-in terms."""
     n = len(y)
@@ -149,6 +160,8 @@ def _train(
     for epoch in range(epochs):
         perm = order(epoch)
         for start in range(0, n, cfg.batch_size):
+            if max_steps is not None and steps >= max_steps:
+                break
             idx = perm[start : start + cfg.batch_size]
             idx_dev = idx.to(x.device)
             xb, yb = x[idx_dev], y[idx_dev]

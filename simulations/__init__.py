@@ -25,7 +25,7 @@ from fedmem.errors import ConfigError
 from fedmem.reporting.tables import cell, md_table
 from fedmem.runs.rundir import atomic_write_text
 
-RECIPES = ("central_vs_federated", "dp_memorization", "privacy_audit")
+RECIPES = ("central_vs_federated", "central_gap", "dp_memorization", "privacy_audit")
 
 Row = dict[str, Any]
 

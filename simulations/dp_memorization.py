@@ -4,7 +4,9 @@ noise_multiplier in {0, 0.5, 1, 2} x {central, federated record-level, federated
 with the base config's label noise and canaries (use ``--config configs/dp.yaml``). Noise 0
 is the non-private baseline. Per noise level, one experiment with record-level DP-SGD gives
 the central and the federated record-level rows; one with user-level DP-FedAvg (noise on the
-aggregate, clip ``privacy.user_clip_norm``) gives the federated user-level row.
+aggregate, clip ``privacy.user_clip_norm``) gives the federated user-level row. Every
+epsilon is stated with its delta: record level at one delta for the central run and every
+client (``privacy.delta_convention=dataset``), user level at ``privacy.user_delta``.
 
     python -m fedmem.simulate --recipe dp_memorization --config configs/dp.yaml
 """
@@ -60,12 +62,14 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
             for label, run_name, eps_key in picks:
                 s = summary["runs"][run_name]
                 eps = s.get(eps_key, "inf")
+                delta_key = "user_delta" if eps_key == "user_epsilon" else "delta"
                 rows.append(
                     {
                         "noise_multiplier": z,
                         "setting": label,
                         **{c: s.get(c) for c in COLUMNS},
                         "epsilon": eps,
+                        "delta": s.get(delta_key),
                     }
                 )
     return rows

@@ -3,8 +3,10 @@
 noise_multiplier in {0, 0.5, 1, 2} (record-level DP-SGD in the central run and every client;
 0 = non-private), each run audited with ``python -m fedmem.audit``'s attacks. Per noise level
 and model: the accountant's epsilon, the one-run empirical lower bound (Steinke et al. 2023),
-membership-inference AUCs (loss, LiRA, RMIA), LiRA's TPR at 1% FPR, mean canary exposure and
-test accuracy. The base config must keep audit records (use ``--config configs/audit.yaml``).
+membership-inference AUCs (loss, LiRA, RMIA), LiRA's TPR at 1% FPR, mean canary exposure,
+client-level AUCs with their permutation p-values, and test accuracy. Every epsilon is stated
+with its delta and the level of the claim (record; the one-run bound tests it per record).
+The base config must keep audit records (use ``--config configs/audit.yaml``).
 
     python -m fedmem.simulate --recipe privacy_audit --config configs/audit.yaml
 """
@@ -21,12 +23,18 @@ TITLE = "Empirical privacy vs the accountant: one-run epsilon, membership infere
 NOISE_MULTIPLIERS = (0.0, 0.5, 1.0, 2.0)
 COLUMNS = (
     ("accountant_epsilon", "eps accountant"),
+    ("accountant_delta", "delta"),
+    ("accountant_level", "claim level"),
     ("epsilon_lower_bound", "eps >= (one run)"),
     ("loss_auc", "loss AUC"),
     ("lira_online_auc", "LiRA AUC"),
     ("lira_online_tpr_at_1pct_fpr", "LiRA TPR@1%"),
     ("rmia_auc", "RMIA AUC"),
     ("exposure_mean", "exposure"),
+    ("client_auc", "client loss AUC"),
+    ("client_auc_p", "client AUC p"),
+    ("client_lira_online_auc", "client LiRA AUC"),
+    ("client_lira_online_auc_p", "client LiRA p"),
 )
 
 

@@ -79,6 +79,27 @@ def test_record_level_epsilons_compose_across_rounds(tmp_path):
     assert rec["epsilon_max"] == pytest.approx(max(last.values()))
     assert set(rec["epsilon_per_client"]) == {str(k) for k in by_client}
 
+    # one delta convention (default "dataset"): central and every client state epsilon at
+    # 1/(10 N), N the run's training examples, so the final table's epsilons are comparable
+    assert rec["delta_convention"] == "dataset"
+    assert {c["delta"] for c in clients} == {1 / (10 * n)}
+    assert summary["runs"]["central"]["delta"] == summary["runs"]["federated"]["delta"]
+    assert summary["runs"]["central"]["delta"] == pytest.approx(1 / (10 * n))
+    assert rec["central"]["delta"] == pytest.approx(1 / (10 * n))
+
+
+def test_holder_delta_convention_gives_each_client_its_own_delta(tmp_path):
+    extra = [*DP, "privacy.delta_convention=holder"]
+    rows, clients, summary = _run(tmp_path, *extra)
+    n = summary["examples"]["train"]
+    table = prepare(load_config(parse_args([*small_overrides(tmp_path), *extra])))
+    for c in clients:
+        assert c["delta"] == pytest.approx(1 / (10 * len(table.client_rows(c["client"]))))
+    central = summary["runs"]["central"]
+    assert central["delta"] == pytest.approx(1 / (10 * n))
+    # the federated row states the largest client delta, beside the largest epsilon
+    assert summary["runs"]["federated"]["delta"] == pytest.approx(max(c["delta"] for c in clients))
+
 
 def test_user_level_epsilon_is_opacus_rdp_over_rounds(tmp_path):
     rows, _, summary = _run(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from fedmem.simulate import main
 from tests.conftest import REPO, small_overrides
 
@@ -79,3 +81,27 @@ def test_central_vs_federated_recipe(tmp_path):
     assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "central_vs_federated"]) == 0
     rows = _table(tmp_path, "central_vs_federated")
     assert len(rows) == 9 and {r["setting"] for r in rows} >= {"central"}
+
+
+def test_central_gap_recipe_changes_one_cause_per_row(tmp_path):
+    args = [*small_overrides(tmp_path), *LOCAL, "data.noise.rate=0.2", "--recipe", "central_gap"]
+    assert main(args) == 0
+    rows = _table(tmp_path, "central_gap")
+    assert [r["cause"] for r in rows] == [
+        "-",
+        "optimizer reset",
+        "fewer sequential steps",
+        "averaging",
+        "heterogeneity",
+    ]
+    steps = [int(r["steps/round"]) for r in rows]
+    # visits-matched central steps over all rows; then a client's steps (~1/4 with 4 clients)
+    assert steps[0] == steps[1] > 2 * steps[2]
+    assert steps[2] == steps[3]
+    # each delta column is the difference to the previous row
+    for a, b in zip(rows, rows[1:], strict=False):
+        assert float(b["d test_acc"]) == pytest.approx(
+            float(b["test_acc"]) - float(a["test_acc"]), abs=1e-9
+        )
+    # optimizer reset changes training (momentum 0.9 lost every round)
+    assert rows[0]["test_acc"] != rows[1]["test_acc"]

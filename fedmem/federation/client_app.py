@@ -113,6 +113,7 @@ def train(msg: Message, context: Context) -> Message:
             round_=round_,
             stream=pid,
             table_size=len(table),
+            n_dataset=len(table),
         )
     ctx = RoundContext("federated", round_, pid, rows, len(table), cfg.seed)
     result = train_epochs(

@@ -136,6 +136,7 @@ class PrivacyLedger:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.client_eps: dict[int, float] = {}
+        self.delta: float | None = None  # the largest record-level delta a client reported
         self.user = None
         if cfg.privacy.user_level:
             from fedmem.privacy.dp import AccountantHistory
@@ -149,6 +150,8 @@ class PrivacyLedger:
         for row in report.clients:
             if isinstance(row.get("epsilon"), int | float):
                 self.client_eps[row["client"]] = float(row["epsilon"])
+            if isinstance(row.get("delta"), int | float):
+                self.delta = max(self.delta or 0.0, float(row["delta"]))
         if self.user is not None and not report.lost:
             self.user.add(self.cfg.privacy.user_noise_multiplier, self.q, 1)
 
@@ -160,6 +163,7 @@ class PrivacyLedger:
     def state_dict(self) -> dict[str, Any]:
         return {
             "client_eps": {str(k): v for k, v in self.client_eps.items()},
+            "delta": self.delta,
             "user": self.user.to_record() if self.user is not None else None,
         }
 
@@ -167,6 +171,7 @@ class PrivacyLedger:
         from fedmem.privacy.dp import AccountantHistory
 
         self.client_eps = {int(k): float(v) for k, v in state["client_eps"].items()}
+        self.delta = state.get("delta")
         if self.user is not None:
             self.user = AccountantHistory.from_record(state["user"])
 
@@ -174,8 +179,11 @@ class PrivacyLedger:
         out: dict[str, Any] = {"epsilon": INF}
         if self.cfg.privacy.record_level:
             out["epsilon"] = json_epsilon(max(self.client_eps.values(), default=0.0))
+            if self.delta is not None:
+                out["delta"] = self.delta
         if self.user is not None:
             out["user_epsilon"] = json_epsilon(self.user_epsilon())
+            out["user_delta"] = self.user_delta
         return out
 
 

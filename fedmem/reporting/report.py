@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fedmem.reporting.tables import FINAL_COLUMNS, _fmt, md_table, run_label
+from fedmem.reporting.tables import _fmt, columns_for, md_table, run_label
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -28,10 +28,11 @@ def _clients(count: int | None, share: float | None) -> str:
 
 
 def _runs_md(runs: dict[str, dict[str, Any]]) -> str:
-    header = ["run"] + [name for _, name, _ in FINAL_COLUMNS]
+    columns = columns_for(runs)
+    header = ["run"] + [name for _, name, _ in columns]
     return md_table(
         header,
-        [[run_label(run, s)] + [s.get(k) for k, _, _ in FINAL_COLUMNS] for run, s in runs.items()],
+        [[run_label(run, s)] + [s.get(k) for k, _, _ in columns] for run, s in runs.items()],
     )
 
 
@@ -78,6 +79,15 @@ def render_report(run_dir: str | Path) -> Path:
             "",
         ]
     out += ["## Final metrics", "", _runs_md(summary["runs"]), ""]
+    m = summary.get("central_matching")
+    if m:
+        kept = "kept across rounds" if m["optimizer"] == "keep" else "reset every round"
+        out += [
+            f"Central run matched on {m['match']}: {m['steps_per_round']} optimizer steps per "
+            f"round (clients: {m['client_steps_mean']:.1f} local steps on average), optimizer "
+            f"state {kept} (config section `central`).",
+            "",
+        ]
     out += _models_md(summary.get("models") or {})
     trainers = {
         name: m["trainer"] if m.get("parent") is None else "derived"
@@ -282,11 +292,14 @@ def compare_table(run_dirs: list[Path]) -> Table:
     table = Table(title="runs compared")
     table.add_column("run directory")
     table.add_column("run", style="bold")
-    for _, name, _ in FINAL_COLUMNS:
+    summaries = {d: read_summary(d) for d in run_dirs}
+    columns = columns_for(
+        {f"{d}/{r}": s for d, m in summaries.items() for r, s in m["runs"].items()}
+    )
+    for _, name, _ in columns:
         table.add_column(name, justify="right")
-    for d in run_dirs:
-        summary = read_summary(d)
+    for d, summary in summaries.items():
         for run, s in summary["runs"].items():
-            cells = (_fmt(s.get(k), f) for k, _, f in FINAL_COLUMNS)
+            cells = (_fmt(s.get(k), f) for k, _, f in columns)
             table.add_row(d.name, run_label(run, s), *cells)
     return table

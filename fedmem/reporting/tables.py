@@ -17,8 +17,24 @@ FINAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("outlier_acc", "outlier", "{:.3f}"),
     ("canary_acc", "canary", "{:.3f}"),
     ("epsilon", "epsilon", "{:.2f}"),
+    ("delta", "delta", "{:.1e}"),
+    ("user_epsilon", "user eps", "{:.2f}"),
+    ("user_delta", "user delta", "{:.1e}"),
     ("wall_s", "wall s", "{:.1f}"),
 )
+
+
+OPTIONAL_COLUMNS = frozenset({"delta", "user_epsilon", "user_delta"})
+"""Columns shown only when some run has a value (DP runs: every epsilon beside its delta)."""
+
+
+def columns_for(runs: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    """:data:`FINAL_COLUMNS` without the optional ones no run fills."""
+    return tuple(
+        c
+        for c in FINAL_COLUMNS
+        if c[0] not in OPTIONAL_COLUMNS or any(s.get(c[0]) is not None for s in runs.values())
+    )
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,12 +101,11 @@ def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") ->
         "noisy true acc peaked (early learning)",
     )
     table.add_column("run", style="bold")
-    for _, name, _ in FINAL_COLUMNS:
+    columns = columns_for(runs)
+    for _, name, _ in columns:
         table.add_column(name, justify="right")
     for run, summary in runs.items():
-        table.add_row(
-            run_label(run, summary), *(_fmt(summary.get(k), f) for k, _, f in FINAL_COLUMNS)
-        )
+        table.add_row(run_label(run, summary), *(_fmt(summary.get(k), f) for k, _, f in columns))
     return table
 
 

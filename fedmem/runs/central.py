@@ -1,8 +1,15 @@
 """The central run: the federated experiment's data pooled on one machine.
 
-Central round ``r`` makes the same example visits as federated round ``r`` at full
-participation (``train.local_epochs`` passes over every training row), so both runs' curves
-share one x-axis. Both runs start from :func:`fedmem.models.init_model`'s weights.
+What a central round is, is the config's choice (``central``, :func:`central_matching`):
+with ``central.match=visits`` (default) central round ``r`` makes the same example visits as
+federated round ``r`` at full participation (``train.local_epochs`` passes over every
+training row), so both runs' curves share one x-axis in data seen; with ``steps`` it makes as
+many sequential optimizer steps as a client's local training in a round (the mean over
+clients), the depth one FedAvg round adds. ``central.optimizer=keep`` (default) carries the
+optimizer state (momentum) across rounds as ordinary training does; ``reset`` starts each
+round with a fresh optimizer, as every client does. A federation of one client holding all
+the data then trains exactly like the central run under ``steps`` + ``reset`` (tested).
+Both runs start from :func:`fedmem.models.init_model`'s weights.
 
 With ``checkpoints`` (a :class:`~fedmem.runs.checkpoints.ModelCheckpoints`) the run keeps the
 chosen rounds (weights and optimizer state) and, after every round, a resume state (weights,
@@ -13,6 +20,7 @@ seed and round, so nothing else needs restoring).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +37,41 @@ from fedmem.runs.checkpoints import ModelCheckpoints, cpu_state
 from fedmem.train import keyed_order, make_optimizer, train_epochs
 
 
+def central_matching(cfg: ExperimentConfig, table: ExampleTable) -> dict[str, Any]:
+    """How the central run is matched to the federated one: summary.json's
+    ``central_matching`` and the final table's title.
+
+    ``steps_per_round``: the central run's optimizer steps per round; ``client_steps_mean``:
+    the mean over clients of their local steps per round (``local_epochs * ceil(n_k / B)``).
+    """
+    b, e = cfg.train.batch_size, cfg.train.local_epochs
+    sizes = [len(table.client_rows(k)) for k in range(table.num_clients)]
+    client_steps = [e * math.ceil(n / b) for n in sizes if n > 0]
+    mean_steps = sum(client_steps) / max(len(client_steps), 1)
+    visit_steps = e * math.ceil(len(table) / b)
+    steps = visit_steps if cfg.central.match == "visits" else max(1, round(mean_steps))
+    return {
+        "match": cfg.central.match,
+        "optimizer": cfg.central.optimizer,
+        "steps_per_round": steps,
+        "visits_per_round": min(steps * b, e * len(table))
+        if cfg.central.match == "steps"
+        else e * len(table),
+        "client_steps_mean": mean_steps,
+    }
+
+
+def matching_title(matching: dict[str, Any] | None) -> str:
+    """ "central matched on visits, optimizer kept" (the final table's title)."""
+    if not matching:
+        return ""
+    kept = "kept" if matching["optimizer"] == "keep" else "reset every round"
+    return (
+        f"central matched on {matching['match']} ({matching['steps_per_round']} steps/round), "
+        f"optimizer {kept}"
+    )
+
+
 def run_central(
     cfg: ExperimentConfig,
     table: ExampleTable,
@@ -38,12 +81,16 @@ def run_central(
 ) -> nn.Module:
     """Train on all rows of ``table`` for ``cfg.train.rounds`` rounds; observe every round.
 
-    The optimizer (and its momentum) persists across rounds, as in ordinary central training.
-    Returns the final model.
+    Each round trains as ``cfg.central`` says (:func:`central_matching`). Returns the final
+    model.
     """
     device = resolve_device(cfg.train.device)
     model = init_model(cfg, table).to(device)
     optimizer = make_optimizer(model, cfg.train)
+    reset = cfg.central.optimizer == "reset"
+    max_steps = (
+        central_matching(cfg, table)["steps_per_round"] if cfg.central.match == "steps" else None
+    )
     plugins = build_plugins(cfg, "central")
     x, y = table.x.to(device), table.y_obs.to(device)
     rows = table.ids
@@ -117,11 +164,12 @@ def run_central(
             y,
             cfg.train,
             order,
-            optimizer=optimizer,
+            optimizer=make_optimizer(model, cfg.train) if reset else optimizer,
             rows=rows,
             plugins=plugins,
             context=ctx,
             dp=dp,
+            max_steps=max_steps,
         )
         if dp is not None:
             history.record(dp)

@@ -25,7 +25,7 @@ from fedmem.models.factory import init_model
 from fedmem.observer import Observer, stops_here
 from fedmem.reporting.report import render_report
 from fedmem.reporting.tables import summarize_rows
-from fedmem.runs.central import run_central
+from fedmem.runs.central import central_matching, run_central
 from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
 from fedmem.runs.devices import check_devices
 from fedmem.runs.lock import RunLock
@@ -49,7 +49,7 @@ def prepare(cfg: ExperimentConfig) -> ExampleTable:
         sizes = [len(table)]
         if cfg.federation.enabled:
             sizes += [len(table.client_rows(k)) for k in range(table.num_clients)]
-        validate_record_level(cfg, sizes, model)
+        validate_record_level(cfg, sizes, model, dataset_size=len(table))
     if cfg.privacy.user_level and not cfg.federation.enabled:
         raise ConfigError("privacy.user_level: needs federation.enabled=true")
     return table
@@ -186,6 +186,7 @@ def run_experiment(
         "seed": cfg.seed,
         "fedmem_version": fedmem.__version__,
         "torch_version": torch.__version__,
+        "central_matching": central_matching(cfg, table),
         "examples": {
             "train": len(table),
             "test": len(table.y_test),
@@ -264,11 +265,17 @@ def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict
     out: dict = {}
     p = cfg.privacy
     if p.record_level:
-        rec: dict = {"max_grad_norm": p.max_grad_norm, "accountant": p.accountant}
+        rec: dict = {
+            "max_grad_norm": p.max_grad_norm,
+            "accountant": p.accountant,
+            "delta_convention": p.delta_convention,
+            "neighbouring": "add/remove one record",
+        }
         central = [r for r in rows if r["run"] == "central"]
         if central:
             rec["central"] = {
                 "epsilon": central[-1].get("epsilon"),
+                "delta": central[-1].get("delta"),
                 "steps": central[-1].get("dp_steps"),
             }
         clients: dict[int, dict] = {}
@@ -305,6 +312,8 @@ def privacy_summary(cfg: ExperimentConfig, rows: list[dict], rd: RunDir) -> dict
             "clients_per_round": per_round,
             "sample_rate": q,  # the rate the accountant used
             "sampling": sampling,
+            "neighbouring": "zero-out one client (its update replaced by none); add/remove of a "
+            "client when every client trains every round",
             "rounds_released": sum(1 for r in fed[1:] if not r.get("round_lost")),
         }
     return out

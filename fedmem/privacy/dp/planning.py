@@ -43,6 +43,21 @@ def default_delta(n: int) -> float:
     return 1.0 / (10 * n)
 
 
+def record_delta(privacy: PrivacyConfig, n_local: int, n_dataset: int | None = None) -> float:
+    """The record-level delta of a trainer holding ``n_local`` of the run's ``n_dataset``
+    training examples.
+
+    ``privacy.delta`` when set; else 1/(10 n) with n from ``privacy.delta_convention``:
+    ``dataset`` (default) takes the run's whole training set, so the central run and every
+    client report epsilon at one delta and their epsilons can share a table; ``holder`` takes
+    the trainer's own examples (a client of n_k examples then reports at 1/(10 n_k), a delta
+    N/n_k times larger than the central run's). Either must stay below 1/n_local.
+    """
+    n = n_local if n_dataset is None or privacy.delta_convention == "holder" else n_dataset
+    delta = privacy.delta if privacy.delta is not None else default_delta(max(n, n_local))
+    return check_delta(delta, n_local)
+
+
 def check_delta(delta: float | None, n: int, key: str = "privacy.delta") -> float:
     """The delta to use for a holder of ``n`` examples; ``delta >= 1/n`` is a ConfigError."""
     if delta is None:

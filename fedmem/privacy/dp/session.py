@@ -21,8 +21,8 @@ from torch import nn
 from fedmem.errors import ConfigError
 from fedmem.privacy.dp.accounting import Entry
 from fedmem.privacy.dp.planning import (
-    check_delta,
     planned_steps,
+    record_delta,
     resolve_noise_multiplier,
     sample_rate,
     steps_per_epoch,
@@ -151,15 +151,17 @@ class DPSession:
         stream: int | str,
         table_size: int | None = None,
         noise_multiplier: float | None = None,
+        n_dataset: int | None = None,
     ) -> DPSession:
-        """The session of a trainer with ``n_local`` examples in round ``round_``.
+        """The session of a trainer with ``n_local`` of the run's ``n_dataset`` training
+        examples in round ``round_``.
 
         ``noise_multiplier`` (default: :func:`resolve_noise_multiplier` over
-        :func:`planned_steps`) and delta (``privacy.delta`` or ``1/(10 n_local)``) are derived
-        from the configs; ``table_size`` is the ExampleTable size the rows index.
+        :func:`planned_steps`) and delta (:func:`record_delta`) are derived from the configs;
+        ``table_size`` is the ExampleTable size the rows index.
         """
         q = sample_rate(n_local, train.batch_size)
-        delta = check_delta(privacy.delta, n_local)
+        delta = record_delta(privacy, n_local, n_dataset)
         if noise_multiplier is None:
             noise_multiplier = resolve_noise_multiplier(
                 privacy, q, planned_steps(n_local, train), delta

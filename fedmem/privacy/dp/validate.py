@@ -11,8 +11,8 @@ from fedmem.errors import ConfigError
 from fedmem.privacy.dp.accounting import ACCOUNTANTS, _make_accountant
 from fedmem.privacy.dp.models import check_model
 from fedmem.privacy.dp.planning import (
-    check_delta,
     planned_steps,
+    record_delta,
     resolve_noise_multiplier,
     sample_rate,
 )
@@ -23,12 +23,17 @@ if TYPE_CHECKING:
 
 
 def validate_record_level(
-    cfg: ExperimentConfig, holder_sizes: Sequence[int], model: nn.Module | None = None
+    cfg: ExperimentConfig,
+    holder_sizes: Sequence[int],
+    model: nn.Module | None = None,
+    dataset_size: int | None = None,
 ) -> None:
     """Check a record-level DP experiment before training; raise a one-line ConfigError.
 
     ``holder_sizes``: the example counts of every trainer (central: the table; federated: each
-    client). ``model``: the model as it will be trained (after :func:`dp_ready_model`).
+    client); ``dataset_size``: the run's training examples (the n of the default delta under
+    ``privacy.delta_convention=dataset``). ``model``: the model as it will be trained (after
+    :func:`dp_ready_model`).
     Checks delta against each holder, the grad_sample_mode and accountant names, that Opacus
     can train the model, and that ``target_epsilon`` is reachable for every holder.
     """
@@ -43,6 +48,6 @@ def validate_record_level(
     for n in sorted(set(int(s) for s in holder_sizes)):
         if n < 1:
             raise ConfigError(f"privacy.record_level: a trainer holds {n} examples; needs >= 1")
-        delta = check_delta(privacy.delta, n)
+        delta = record_delta(privacy, n, dataset_size)
         q = sample_rate(n, cfg.train.batch_size)
         resolve_noise_multiplier(privacy, q, planned_steps(n, cfg.train), delta)
