@@ -11,8 +11,9 @@ not confined to the last layers.
 Maini et al. sum over all examples of a group. Here a group is a capped subsample, so a sum
 would scale with the subsample size; :func:`gradient_geometry` reports the norm of each group's
 *mean* gradient instead (``norm_of_mean_*``), estimated without the sampling-noise bias a
-sample mean carries (:func:`mean_gradient_norms`). Maini et al.'s total contribution of a group
-is its population count times ``norm_of_mean``.
+sample mean carries (:func:`mean_gradient_norms`). It measures what the examples of a group
+share, not how many they are: Maini et al.'s sums grow with the group's size, and their norm
+also carries every example's own gradient (``sum_i |g_i|^2``), which the estimate leaves out.
 
 :func:`update_cosine` is the federated analogue: per layer, the cosine between the mean model
 update of two groups of clients; :func:`split_clients` defines the groups (clients holding

@@ -74,8 +74,7 @@ class GradientProbe:
     seed, so every round (and both runs) measure the same examples. The norms are of mean
     gradients (:func:`~fedmem.analysis.gradients.gradient_geometry`), so the cap does not
     scale them; rows also carry each group's size in the table (``population_clean``,
-    ``population_noisy``): times ``norm_of_mean`` it is the group's share of the full-data
-    gradient norm that Maini et al. (2023) plot.
+    ``population_noisy``), which the summed gradients Maini et al. (2023) plot grow with.
     """
 
     def __init__(

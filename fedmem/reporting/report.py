@@ -166,8 +166,8 @@ def render_report(run_dir: str | Path) -> Path:
             "examples, per layer and round (Maini et al. 2023, Fig. 2). Norms are of each "
             "group's *mean* gradient (`norm_of_mean_*` in `gradients.jsonl`, an unbiased "
             "estimate of the squared norm, divided by sqrt(#params)), so groups of different "
-            "sizes compare (0: below the estimate's sampling noise); Maini et al.'s summed "
-            "contribution is `population_*` times it.",
+            "sizes compare (0: below the estimate's sampling noise; Maini et al.'s sums grow "
+            "with the group sizes, `population_*`).",
             "",
             f"![gradient cosine]({heat.relative_to(run_dir)})",
             "",
