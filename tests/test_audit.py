@@ -139,6 +139,37 @@ def test_dp_violation_is_reported(audited, tmp_path, capsys):
     assert res["claims"][0]["violated"] is True and res["lower_bound"] > 0.01
 
 
+def test_user_level_dp_run_is_tested_per_record_through_group_privacy(tmp_path):
+    """A DP-FedAvg run: its user-level epsilon is never tested as a per-record guarantee;
+    the canaries test the record-level claim it implies, (2 eps, (1 + e^eps) delta)."""
+    run_dir = _run(
+        tmp_path,
+        "privacy.user_level=true",
+        "privacy.user_noise_multiplier=2",
+        "audit.attack.shadows=4",
+        "audit.attack.client_shadows=0",
+        "train.rounds=4",
+    )
+    code = audit_main([str(run_dir)])
+    result = json.loads((run_dir / "audit.json").read_text())
+    user = json.loads((run_dir / "summary.json").read_text())["privacy"]["user_level"]
+    eps, delta = user["epsilon"], user["delta"]
+    assert 0 < eps < 50 and "zero-out" in user["neighbouring"]
+    fed = result["runs"]["federated"]["one_run_epsilon"]
+    (claim,) = [c for c in fed["claims"] if c["accountant"] == "user_level"]
+    assert claim["level"] == "user" and claim["epsilon"] == eps
+    assert claim["test_epsilon"] == pytest.approx(2 * eps)
+    assert claim["test_delta"] == pytest.approx(min(1.0, (1 + math.exp(eps)) * delta))
+    # no claim of this run is tested at the user epsilon itself
+    assert all(c["test_epsilon"] != eps for c in fed["claims"])
+    assert fed["tests"] == sum(math.isfinite(c["test_epsilon"]) for c in fed["claims"])
+    assert claim["violated"] == (claim["tested"] and claim["lower_bound"] > claim["test_epsilon"])
+    # the central model of a user-level run claims nothing
+    (none,) = result["runs"]["central"]["one_run_epsilon"]["claims"]
+    assert none["accountant"] == "none" and none["violated"] is False
+    assert code == (VIOLATION_EXIT if violations(result) else 0)
+
+
 def test_audit_reads_lineage_records_and_names_what_shadows_miss(audited, tmp_path):
     """A derived model (a copy of the federated weights, trained on from round 6 by a method
     the shadows cannot imitate) is audited with the recipe of its record, and audit.json says
