@@ -414,7 +414,8 @@ def test_audit_preset_lira_beats_loss_and_dp_is_near_chance(tmp_path, dp):
     result = json.loads((run_dir / "audit.json").read_text())
     central = result["runs"]["central"]["membership"]["attacks"]
     if not dp:
-        # measured: LiRA online 0.877 vs loss 0.766 AUC, TPR at 1% FPR 0.30
+        # measured 2026-12-02 (20 + 10 clients): LiRA online 0.906 vs loss 0.780 AUC, TPR at
+        # 1% FPR 0.285
         assert central["lira_online"]["auc"] > central["loss"]["auc"] + 0.05
         assert central["lira_online"]["tpr_at_1pct_fpr"] > 0.1
     else:

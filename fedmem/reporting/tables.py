@@ -110,11 +110,12 @@ def runs_table(runs: dict[str, dict[str, Any]], title: str = "final metrics") ->
 
 
 def cell(v: Any) -> str:
-    """A table cell: None as "-", floats with 3 decimals."""
+    """A table cell: None as "-", floats with 3 decimals, below 0.001 in scientific notation
+    (a delta or a p-value is never shown as 0.000)."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}"
     return str(v)
 
 
