@@ -98,12 +98,15 @@ def fold_gradients(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    folds: int = 16,
+    folds: int = 8,
     batch_size: int = 1024,
     seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], list[int]]:
     """Summed gradients of ``folds`` disjoint random folds of the rows
     (:func:`summed_gradients` each).
+
+    8 folds use 7/8 of all pairs of rows for the estimate at about 1.2x the cost of one summed
+    gradient (16 folds: 15/16 at 1.8x; measured on the MLP of the presets, 2048 rows).
 
     Rows go to folds by a permutation drawn from ``seed``, not by their order (rows in table
     order may be grouped by client or class; pairs across contiguous folds would not be random
@@ -166,7 +169,7 @@ def gradient_geometry(
     is_noisy: torch.Tensor,
     batch_size: int = 1024,
     is_clean: torch.Tensor | None = None,
-    folds: int = 16,
+    folds: int = 8,
 ) -> dict[str, dict[str, float | int | None]]:
     """Per layer group: clean vs mislabeled gradient geometry (Maini et al. 2023, Fig. 2).
 
