@@ -9,7 +9,10 @@ section in ``report.md``; prints one table. Exit codes: 0 done, 2 bad input (e.g
 without audit records: the message names the config keys to set; a ``config.yaml`` changed
 after the run, whose hash no longer matches summary.json's ``config_hash``; a missing or
 unreadable summary.json or checkpoint; a model that diverged), 3 an empirical lower bound
-exceeds the accountant's epsilon.
+exceeds a privacy claim that the audit canaries test soundly (a record-level claim, or the
+per-record guarantee a user-level claim implies), at ``audit.attack.confidence`` over all
+claims tested (Bonferroni); the message states the claim, the confidence and the number of
+tests.
 """
 
 from __future__ import annotations
