@@ -422,10 +422,24 @@ class AuditConfig(_Section):
     attack: AuditAttackConfig = AuditAttackConfig()
 
 
+class ELRConfig(_Section):
+    """Early-learning regularization (Liu et al. 2020; :mod:`fedmem.methods.elr`)."""
+
+    enabled: bool = Field(False, description="add ELR's term to the loss")
+    lam: float = Field(3.0, gt=0.0, description="lambda, the weight of the ELR term")
+    beta: float = Field(
+        0.7, ge=0.0, lt=1.0, description="target momentum: t <- beta t + (1 - beta) p"
+    )
+    runs: Literal["both", "central", "federated"] = Field(
+        "both", description="which runs train with ELR (federated: every client)"
+    )
+
+
 class PluginsConfig(_Section):
     """Training plug-ins (:mod:`fedmem.methods`). Built-in ones get their own section here as
     they arrive; FedProx's term is ``train.proximal_mu``."""
 
+    elr: ELRConfig = ELRConfig()
     external: list[str] = Field(
         default_factory=list,
         description="extra plug-ins as 'package.module:Class' (fedmem.methods.Plugin subclasses)",

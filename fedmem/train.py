@@ -176,7 +176,8 @@ def _train(
             for plugin in plugins:
                 extra = plugin.extra_loss(bctx, model, logits, yb)  # type: ignore[arg-type]
                 if extra is not None:
-                    loss = loss + extra
+                    # a per-example term (as DP needs) is averaged like the cross-entropy
+                    loss = loss + (extra.mean() if extra.dim() else extra)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -25,7 +25,13 @@ from fedmem.errors import ConfigError
 from fedmem.reporting.tables import cell, md_table
 from fedmem.runs.rundir import atomic_write_text
 
-RECIPES = ("central_vs_federated", "central_gap", "dp_memorization", "privacy_audit")
+RECIPES = (
+    "central_vs_federated",
+    "central_gap",
+    "dp_memorization",
+    "early_learning",
+    "privacy_audit",
+)
 
 Row = dict[str, Any]
 

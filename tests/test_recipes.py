@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -105,3 +106,31 @@ def test_central_gap_recipe_changes_one_cause_per_row(tmp_path):
         )
     # optimizer reset changes training (momentum 0.9 lost every round)
     assert rows[0]["test_acc"] != rows[1]["test_acc"]
+
+
+def test_early_learning_recipe(tmp_path, monkeypatch):
+    import simulations.early_learning as recipe
+
+    monkeypatch.setattr(recipe, "NOISE_RATES", (0.4,))
+    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "early_learning"]) == 0
+    rows = _table(tmp_path, "early_learning")
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("CE", "central"),
+        ("CE", "federated iid"),
+        ("CE", "federated dirichlet"),
+        ("ELR", "central"),
+        ("ELR", "federated iid"),
+        ("ELR", "federated dirichlet"),
+    ]
+    for r in rows:
+        assert float(r["best_test_acc"]) >= float(r["test_acc"])
+    # ELR changes training: the central runs differ
+    assert (
+        rows[0]["test_acc"] != rows[3]["test_acc"]
+        or rows[0]["noisy_memorized"] != rows[3]["noisy_memorized"]
+    )
+    # the ELR cells record the plug-in in their lineage
+    runs = tmp_path / "runs"
+    elr_dirs = [d for d in runs.glob("default-elr-*")]
+    models = [json.loads((d / "summary.json").read_text())["models"] for d in elr_dirs]
+    assert sum("elr" in m["central"].get("plugins", []) for m in models) == 2

@@ -16,8 +16,10 @@ strategy classes are the models):
 ``penalty``      a data-independent loss term (FedProx's proximal term, L2 to a reference).
                  With record-level DP it costs no privacy: its gradient is added after the
                  noise (:meth:`Plugin.penalty_grad_`), never clipped.
-``extra_loss``   a term that depends on the batch (ELR). With record-level DP it must be per
-                 example (shape ``(batch,)``): it is clipped with the example's gradient.
+``extra_loss``   a term that depends on the batch (ELR, :mod:`fedmem.methods.elr`): a scalar,
+                 or per example (shape ``(batch,)``, averaged like the cross-entropy). With
+                 record-level DP it must be per example: it is clipped with the example's
+                 gradient.
 ``after_step``   after every optimizer step (re-apply pruning masks, update running targets)
 ``end_round``    after the last step of the call
 ``metrics``      numbers about the round for the results (``<name>/<key>`` columns)

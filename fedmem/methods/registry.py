@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 from fedmem.errors import ConfigError
 from fedmem.methods.base import Plugin
+from fedmem.methods.elr import ELR
 from fedmem.methods.proximal import Proximal
 
 if TYPE_CHECKING:
     from fedmem.config import ExperimentConfig
 
-BUILTIN: tuple[type[Plugin], ...] = (Proximal,)
+BUILTIN: tuple[type[Plugin], ...] = (Proximal, ELR)
 RUNS = ("central", "federated")
 
 

@@ -42,10 +42,12 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``peak_noisy_true_acc_round`` is the round where the share of mislabeled examples
     predicted as their true label peaked (the early-learning onset; the first such round on
-    ties); it is None when the data have no mislabeled examples. ``diverged_at_round``: the
-    first round whose model had non-finite weights or loss (None: never). Runs with lost
-    rounds (federated) also total ``lost_rounds`` and ``client_failures`` over all rounds.
-    Metrics a diverged model made non-finite are None (JSON null).
+    ties); it is None when the data have no mislabeled examples. ``best_test_acc`` and its
+    round: the highest test accuracy of any round (first such round on ties).
+    ``diverged_at_round``: the first round whose model had non-finite weights or loss (None:
+    never). Runs with lost rounds (federated) also total ``lost_rounds`` and
+    ``client_failures`` over all rounds. Metrics a diverged model made non-finite are None
+    (JSON null).
     """
     if not rows:
         raise ValueError("no metrics rows to summarize")
@@ -61,6 +63,10 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["peak_noisy_true_acc"] = out["peak_noisy_true_acc_round"] = None
     mem = [r["noisy_memorized"] for r in rows if r["noisy_memorized"] is not None]
     out["max_noisy_memorized"] = max(mem) if mem else None
+    tested = [(r["test_acc"], -r["round"]) for r in rows if r.get("test_acc") is not None]
+    if tested:
+        best, neg_round = max(tested)
+        out["best_test_acc"], out["best_test_acc_round"] = best, -neg_round
     out.pop("diverged", None)
     out["diverged_at_round"] = next((r["round"] for r in rows if r.get("diverged")), None)
     if any("round_lost" in r for r in rows):
