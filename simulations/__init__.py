@@ -31,6 +31,7 @@ RECIPES = (
     "dp_memorization",
     "early_learning",
     "privacy_audit",
+    "resmem",
 )
 
 Row = dict[str, Any]

@@ -134,3 +134,19 @@ def test_early_learning_recipe(tmp_path, monkeypatch):
     elr_dirs = [d for d in runs.glob("default-elr-*")]
     models = [json.loads((d / "summary.json").read_text())["models"] for d in elr_dirs]
     assert sum("elr" in m["central"].get("plugins", []) for m in models) == 2
+
+
+def test_resmem_recipe(tmp_path, monkeypatch):
+    import simulations.resmem as recipe
+
+    monkeypatch.setattr(recipe, "WIDTHS", (16,))
+    monkeypatch.setattr(recipe, "NOISE_RATES", (0.4,))
+    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "resmem"]) == 0
+    rows = _table(tmp_path, "resmem")
+    assert [r["run"] for r in rows] == ["central", "federated"]
+    for r in rows:
+        assert float(r["d test"]) == pytest.approx(
+            float(r["test resmem"]) - float(r["test base"]), abs=1e-9
+        )
+        assert float(r["noisy mem resmem"]) > float(r["noisy mem base"])
+    assert rows[0]["client-local base"] in ("", "-") and float(rows[1]["client-local base"]) > 0

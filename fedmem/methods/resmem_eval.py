@@ -1,0 +1,101 @@
+"""ResMem on a finished run: the central model and the federated global model, each with and
+without its residual memory (:mod:`fedmem.methods.resmem`), written to ``resmem.json``.
+
+- Central: one memory over every training row (observed labels, noise included).
+- Federated: a memory per client over its own rows, kept on the client (personalized
+  prediction), and a global memory over all rows as the option a federation could only build
+  by pooling residuals. Client-local test accuracy weights the per-class test accuracy by the
+  client's label mix: ``sum_c pi_k(c) acc_k(c)``, with ``pi_k`` the share of class c among the
+  client's examples (true labels: the test set is clean) and ``acc_k`` the accuracy of the
+  predictor the client uses (the global model, or the global model with the client's memory).
+
+Per model: test accuracy, clean training accuracy, and the accuracy of mislabeled training
+examples on their *given* label (ResMem stores those residuals, so it should reproduce them:
+the noise is memorized on purpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fedmem.methods.resmem import ResidualMemory, ResMemSettings, predict
+from fedmem.privacy.audit.records import AuditedRun, load_model
+
+
+def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Accuracy per class (num_classes,); NaN for a class without examples."""
+    hit = (pred == y).float()
+    n = torch.bincount(y, minlength=num_classes).float()
+    acc = torch.bincount(y, weights=hit, minlength=num_classes) / n
+    return torch.where(n > 0, acc, torch.full_like(acc, float("nan")))
+
+
+def mixed_accuracy(acc: torch.Tensor, mix: torch.Tensor) -> float:
+    """``sum_c mix(c) acc(c)`` over the classes the test set has."""
+    ok = ~torch.isnan(acc)
+    return float((mix[ok] * acc[ok]).sum() / mix[ok].sum())
+
+
+def _rates(p_base: torch.Tensor, p_mem: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
+    if len(y) == 0:
+        return {"base": None, "resmem": None}
+    return {
+        "base": float((p_base.argmax(1) == y).float().mean()),
+        "resmem": float((p_mem.argmax(1) == y).float().mean()),
+    }
+
+
+def evaluate(run: AuditedRun, s: ResMemSettings | None = None) -> dict[str, Any]:
+    """ResMem for every trained model of ``run``; also written to ``resmem.json``."""
+    s = s or ResMemSettings()
+    table = run.table
+    device = torch.device("cpu")
+    x, y = table.x, table.y_obs
+    clean, noisy = table.is_clean, table.is_noisy
+    out: dict[str, Any] = {"settings": asdict(s), "runs": {}}
+    for name in run.runs:
+        model = load_model(run, name, device)
+        memory = ResidualMemory.build(model, x, y, s)
+        base_t, mem_t = predict(model, table.x_test, memory, s)
+        base_tr, mem_tr = predict(model, x, memory, s)
+        res: dict[str, Any] = {
+            "memory": len(memory),
+            "test_acc": _rates(base_t, mem_t, table.y_test),
+            "train_acc_clean": _rates(base_tr[clean], mem_tr[clean], y[clean]),
+            "noisy_memorized": _rates(base_tr[noisy], mem_tr[noisy], y[noisy]),
+        }
+        if run.records[name].trainer == "federated":
+            res["client_local"] = _client_local(run, model, base_t, s)
+        out["runs"][name] = res
+    run.rd.write_json("resmem.json", out)
+    return out
+
+
+def _client_local(
+    run: AuditedRun, model: torch.nn.Module, base_test: torch.Tensor, s: ResMemSettings
+) -> dict[str, Any]:
+    table = run.table
+    c = table.num_classes
+    base_acc = class_accuracy(base_test.argmax(1), table.y_test, c)
+    per: dict[str, dict[str, float | int]] = {}
+    for k in range(table.num_clients):
+        rows = table.client_rows(k)
+        if len(rows) == 0:
+            continue
+        mix = torch.bincount(table.y_true[rows], minlength=c).float() / len(rows)
+        memory = ResidualMemory.build(model, table.x[rows], table.y_obs[rows], s)
+        _, mem_test = predict(model, table.x_test, memory, s)
+        per[str(k)] = {
+            "memory": len(memory),
+            "base": mixed_accuracy(base_acc, mix),
+            "resmem": mixed_accuracy(class_accuracy(mem_test.argmax(1), table.y_test, c), mix),
+        }
+    vals = list(per.values())
+    return {
+        "base_mean": sum(v["base"] for v in vals) / len(vals),
+        "resmem_mean": sum(v["resmem"] for v in vals) / len(vals),
+        "per_client": per,
+    }
