@@ -6,7 +6,9 @@ federated global model, each with and without its residual memory
 (:func:`fedmem.methods.resmem_eval.evaluate`, default :class:`ResMemSettings`). Per row:
 test accuracy base / ResMem, mislabeled training examples predicted as their given label
 (ResMem memorizes the noise too), and for the federated model the client-local test accuracy
-(each client's label mix) with the global model alone vs with the client's own memory.
+(each client's label mix) with the global model alone vs with the client's own memory, and
+the privacy cost of the (central / global) memory: canary exposure, and loss-threshold
+membership AUC when the base config keeps an audit pool (``audit.pool``).
 
 The paper's pattern to check: ResMem's gain is largest for the smallest models.
 
@@ -62,6 +64,20 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
                         "noisy mem resmem": r["noisy_memorized"]["resmem"],
                         "client-local base": local.get("base_mean"),
                         "client-local resmem": local.get("resmem_mean"),
+                        **_privacy_columns(r.get("privacy") or {}),
                     }
                 )
     return rows
+
+
+def _privacy_columns(cost: dict[str, Any]) -> dict[str, Any]:
+    """Canary exposure (and loss-threshold membership AUC where the run keeps an audit pool)
+    of the model alone vs with its memory."""
+    out: dict[str, Any] = {}
+    if "exposure_mean" in cost:
+        out["exposure base"] = cost["exposure_mean"]["base"]
+        out["exposure resmem"] = cost["exposure_mean"]["resmem"]
+    if "membership_loss" in cost:
+        out["MIA AUC base"] = cost["membership_loss"]["base"]["auc"]
+        out["MIA AUC resmem"] = cost["membership_loss"]["resmem"]["auc"]
+    return out

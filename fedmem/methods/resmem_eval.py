@@ -12,6 +12,13 @@ without its residual memory (:mod:`fedmem.methods.resmem`), written to ``resmem.
 Per model: test accuracy, clean training accuracy, and the accuracy of mislabeled training
 examples on their *given* label (ResMem stores those residuals, so it should reproduce them:
 the noise is memorized on purpose).
+
+The privacy cost of the memory, where the run keeps the records (:func:`privacy_cost`):
+loss-threshold membership inference (Yeom et al. 2018) on the audit pool and canary exposure
+(Carlini et al. 2019) of the model alone vs the model with the (central or global) memory. Both
+need no shadow models; the prediction's probability of the label is clamped to
+``[1e-6, 1]`` (ResMem's output is not a distribution). LiRA / RMIA and the one-run bound
+through ``python -m fedmem.audit`` would need shadows with memories of their own: not done.
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedmem.data.table import AUDIT_POOL
 from fedmem.methods.resmem import ResidualMemory, ResMemSettings, predict
+from fedmem.privacy.audit import attacks
 from fedmem.privacy.audit.records import AuditedRun, load_model
+from fedmem.privacy.audit.scoring import canary_exposure
 
 
 def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -69,6 +80,9 @@ def evaluate(run: AuditedRun, s: ResMemSettings | None = None) -> dict[str, Any]
         }
         if run.records[name].trainer == "federated":
             res["client_local"] = _client_local(run, model, base_t, s)
+        cost = privacy_cost(run, model, memory, s)
+        if cost:
+            res["privacy"] = cost
         out["runs"][name] = res
     run.rd.write_json("resmem.json", out)
     return out
@@ -99,3 +113,45 @@ def _client_local(
         "resmem_mean": sum(v["resmem"] for v in vals) / len(vals),
         "per_client": per,
     }
+
+
+def _label_loss(probs: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """-log p(y), with p clamped to [1e-6, 1] (ResMem's output may leave [0, 1])."""
+    p = probs.gather(1, y.long()[:, None]).squeeze(1).clamp(1e-6, 1.0)
+    return (-p.log()).numpy().astype(np.float64)
+
+
+def privacy_cost(
+    run: AuditedRun, model: torch.nn.Module, memory: ResidualMemory, s: ResMemSettings
+) -> dict[str, Any]:
+    """Loss-threshold membership AUC / TPR at 1% FPR on the audit pool, and mean canary
+    exposure, of the model alone (``base``) and with ``memory`` (``resmem``)."""
+    table = run.table
+    out: dict[str, Any] = {}
+    pool = table.audit_kind == AUDIT_POOL
+    if bool(pool.any()):
+        x, y, member = table.audit_x[pool], table.audit_y[pool], table.audit_member[pool]
+        base, mem = predict(model, x, memory, s)
+        out["membership_loss"] = {
+            k: attacks.attack_summary(-_label_loss(p, y), member.numpy())
+            for k, p in (("base", base), ("resmem", mem))
+        }
+    if bool((table.canary_id >= 0).any()) and len(table.canary_ref_y):
+        first = np.unique(table.canary_id.numpy(), return_index=True)
+        cid, rows = first[0][first[0] >= 0], first[1][first[0] >= 0]
+        copies = np.bincount(table.canary_id[table.is_canary].numpy(), minlength=len(cid))
+        holders = np.array(
+            [len(torch.unique(table.client[table.canary_id == c])) for c in cid], dtype=np.int64
+        )
+        can = predict(model, table.x[rows], memory, s)
+        ref = predict(model, table.canary_ref_x, memory, s)
+        out["exposure_mean"] = {
+            k: canary_exposure(
+                _label_loss(can[i], table.y_obs[rows]),
+                _label_loss(ref[i], table.canary_ref_y),
+                copies[cid],
+                holders,
+            )["by_group"]["all"]["mean"]
+            for i, k in ((0, "base"), (1, "resmem"))
+        }
+    return out
