@@ -122,3 +122,60 @@ def test_evaluate_a_finished_run(tmp_path):
         # (references whose nearest stored example shares their random label tie at loss 0)
         exp = cost["exposure_mean"]
         assert exp["base"] + 1.0 < exp["resmem"] <= math.log2(101) + 1e-9
+
+
+def test_resmem_models_are_derived_models_the_audit_attacks(tmp_path):
+    """evaluate(register=True) adds <name>-resmem to the run's lineage; python -m fedmem.audit
+    loads it (weights + memory), attacks it, and says what its shadows do not simulate."""
+    from fedmem.audit import main as audit_main
+    from fedmem.methods.resmem_eval import evaluate
+    from fedmem.privacy.audit.records import load_model, open_run
+    from fedmem.simulate import main
+    from tests.conftest import small_overrides
+
+    args = [
+        *small_overrides(tmp_path),
+        "federation.enabled=false",
+        "audit.pool=200",
+        "audit.attack.shadows=4",
+        "train.rounds=6",
+        "analysis.gradients.enabled=false",
+    ]
+    assert main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    s = ResMemSettings(k=3, sigma=0.05)
+    result = evaluate(open_run(run_dir), s, register=True)
+    assert result["runs"]["central"]["derived_model"] == "central-resmem"
+    run = open_run(run_dir)
+    record = run.records["central-resmem"]
+    assert (record.method, record.parent, record.trainer) == ("resmem", "central@6", "central")
+    # the saved module predicts exactly what evaluate measured
+    model = load_model(run, "central-resmem", torch.device("cpu"))
+    acc = float((model(run.table.x_test).argmax(1) == run.table.y_test).float().mean())
+    assert acc == pytest.approx(result["runs"]["central"]["test_acc"]["resmem"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["runs"]["central-resmem"]["test_acc"] == pytest.approx(acc)
+    # the audit attacks it beside the original, and its claims are none (a derived model)
+    assert audit_main([str(run_dir)]) == 0
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert set(audit["runs"]) == {"central", "central-resmem"}
+    notes = audit["shadows"]["central-resmem"]["not_simulated"]
+    assert any("resmem" in n for n in notes)
+    loss_auc = {n: r["membership"]["attacks"]["loss"]["auc"] for n, r in audit["runs"].items()}
+    assert loss_auc["central-resmem"] > loss_auc["central"] + 0.1
+
+
+def test_resmem_cli(tmp_path, capsys):
+    from fedmem.resmem import main as resmem_main
+    from fedmem.simulate import main
+    from tests.conftest import small_overrides
+
+    assert resmem_main([str(tmp_path / "nope")]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
+    assert main([*small_overrides(tmp_path), "federation.enabled=false"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert resmem_main([str(run_dir), "--sigma", "0"]) == 2
+    assert "--sigma" in capsys.readouterr().err
+    assert resmem_main([str(run_dir), "--k", "1", "--register"]) == 0
+    assert "central-resmem" in json.loads((run_dir / "summary.json").read_text())["models"]
+    assert json.loads((run_dir / "resmem.json").read_text())["settings"]["k"] == 1

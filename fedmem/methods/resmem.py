@@ -134,3 +134,45 @@ def predict(
         return base, base + (w * memory.values[idx]).sum(1)
     onehot = F.one_hot(memory.labels[idx], base.shape[1]).float()
     return base, s.lam * (w * onehot).sum(1) + (1 - s.lam) * base
+
+
+class ResMemModel(nn.Module):
+    """A trained model with its residual memory, as one module (a derived model of the run).
+
+    ``forward`` returns ``log(max(p, 1e-6))`` of the ResMem (or kNN-LM) prediction ``p``, so
+    the audit and every tool that reads logits can score it (softmax renormalizes ``p``, whose
+    entries need not sum to one). The memory is kept as buffers, so the module's state dict is
+    the base model's weights plus ``memory_keys`` / ``memory_values`` / ``memory_labels``.
+    """
+
+    def __init__(self, base: nn.Module, memory: ResidualMemory, settings: ResMemSettings):
+        super().__init__()
+        self.base = base
+        self.settings = settings
+        self.register_buffer("memory_keys", memory.keys)
+        self.register_buffer("memory_values", memory.values)
+        self.register_buffer("memory_labels", memory.labels)
+
+    @property
+    def memory(self) -> ResidualMemory:
+        """The memory on the CPU, where :func:`predict` compares embeddings."""
+        keys, values, labels = (
+            t.cpu() for t in (self.memory_keys, self.memory_values, self.memory_labels)
+        )
+        return ResidualMemory(keys, values, labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, p = predict(self.base, x, self.memory, self.settings)
+        return p.clamp_min(1e-6).log().to(x.device)
+
+    @classmethod
+    def from_state(
+        cls, base: nn.Module, state: dict[str, torch.Tensor], settings: ResMemSettings
+    ) -> ResMemModel:
+        """Rebuild from a saved state dict (``base`` an untrained model of the architecture)."""
+        memory = ResidualMemory(
+            state["memory_keys"], state["memory_values"], state["memory_labels"]
+        )
+        model = cls(base, memory, settings)
+        model.load_state_dict(state)
+        return model

@@ -23,14 +23,14 @@ through ``python -m fedmem.audit`` would need shadows with memories of their own
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedmem.data.table import AUDIT_POOL
-from fedmem.methods.resmem import ResidualMemory, ResMemSettings, predict
+from fedmem.methods.resmem import ResidualMemory, ResMemModel, ResMemSettings, predict
 from fedmem.privacy.audit import attacks
 from fedmem.privacy.audit.records import AuditedRun, load_model
 from fedmem.privacy.audit.scoring import canary_exposure
@@ -59,15 +59,23 @@ def _rates(p_base: torch.Tensor, p_mem: torch.Tensor, y: torch.Tensor) -> dict[s
     }
 
 
-def evaluate(run: AuditedRun, s: ResMemSettings | None = None) -> dict[str, Any]:
-    """ResMem for every trained model of ``run``; also written to ``resmem.json``."""
+def evaluate(
+    run: AuditedRun, s: ResMemSettings | None = None, register: bool = False
+) -> dict[str, Any]:
+    """ResMem for every trained model of ``run``; also written to ``resmem.json``.
+
+    ``register``: also keep each model with its (central / global) memory as a derived model
+    of the run, ``<name>-resmem`` (:class:`~fedmem.methods.resmem.ResMemModel` in
+    ``checkpoints/<name>-resmem.pt``, a lineage record with ``method="resmem"``), which
+    ``python -m fedmem.audit`` then attacks like any other model.
+    """
     s = s or ResMemSettings()
     table = run.table
     device = torch.device("cpu")
     x, y = table.x, table.y_obs
     clean, noisy = table.is_clean, table.is_noisy
     out: dict[str, Any] = {"settings": asdict(s), "runs": {}}
-    for name in run.runs:
+    for name in [n for n in run.runs if run.records[n].method is None]:
         model = load_model(run, name, device)
         memory = ResidualMemory.build(model, x, y, s)
         base_t, mem_t = predict(model, table.x_test, memory, s)
@@ -84,6 +92,8 @@ def evaluate(run: AuditedRun, s: ResMemSettings | None = None) -> dict[str, Any]
         if cost:
             res["privacy"] = cost
         out["runs"][name] = res
+        if register:
+            res["derived_model"] = _register(run, name, ResMemModel(model, memory, s), res)
     run.rd.write_json("resmem.json", out)
     return out
 
@@ -155,3 +165,30 @@ def privacy_cost(
             for i, k in ((0, "base"), (1, "resmem"))
         }
     return out
+
+
+def _register(run: AuditedRun, name: str, model: ResMemModel, res: dict[str, Any]) -> str:
+    """Save ``model`` and add it to the run's lineage as ``<name>-resmem``."""
+    from fedmem.runs.checkpoints import save_atomic
+    from fedmem.runs.records import add_model
+
+    base = run.records[name]
+    derived = f"{name}-resmem"
+    checkpoint = f"checkpoints/{derived}.pt"
+    save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, run.rd.path / checkpoint)
+    record = replace(
+        base,
+        name=derived,
+        checkpoint=checkpoint,
+        parent=f"{name}@{base.rounds}",
+        method="resmem",
+        details=asdict(model.settings),
+    )
+    metrics = {
+        "rounds": base.rounds,
+        "test_acc": res["test_acc"]["resmem"],
+        "train_acc_clean": res["train_acc_clean"]["resmem"],
+        "noisy_memorized": res["noisy_memorized"]["resmem"],
+    }
+    add_model(run.rd, record, metrics)
+    return derived

@@ -143,9 +143,16 @@ def check_auditable(cfg: ExperimentConfig) -> dict[str, str]:
 def load_model(run: AuditedRun, name: str, device: torch.device) -> nn.Module:
     """The final model ``name`` from the checkpoint its lineage record names."""
     model = experiment_model(run.cfg, run.table.input_shape, run.table.num_classes)
-    checkpoint = run.records[name].checkpoint
+    record = run.records[name]
+    checkpoint = record.checkpoint
     try:
-        model.load_state_dict(load_checkpoint(run.rd.path / checkpoint))
+        state = load_checkpoint(run.rd.path / checkpoint)
+        if record.method == "resmem":  # the model plus its residual memory (ResMem)
+            from fedmem.methods.resmem import ResMemModel, ResMemSettings
+
+            settings = ResMemSettings(**record.details)
+            return ResMemModel.from_state(model, state, settings).to(device).eval()
+        model.load_state_dict(state)
     except FileNotFoundError:
         raise InputError(
             f"RUN_DIR: {checkpoint} is missing; rerun with python -m fedmem.simulate --force"
