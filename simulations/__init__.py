@@ -3,7 +3,8 @@
 ``python -m fedmem.simulate --recipe NAME [--config FILE] [key=value ...]`` applies the
 recipe's grid on top of the (overridden) base config. Every cell is an ordinary experiment
 with its own cached run directory; the recipe writes its table as CSV and markdown to
-``<output.dir>/recipes/<NAME>-<hash8>/`` and prints it.
+``<output.dir>/recipes/<NAME>-<hash8>/`` and prints it; a recipe with a ``plot(base, rows,
+out_dir)`` function also saves its figures there.
 """
 
 from __future__ import annotations
@@ -67,4 +68,8 @@ def run_recipe(
     key = hashlib.sha256(json.dumps([name, config_hash(base)]).encode()).hexdigest()[:8]
     out_dir = Path(base.output.dir) / "recipes" / f"{name}-{key}"
     write_table(rows, out_dir, module.TITLE, console)
+    plot = getattr(module, "plot", None)  # a recipe may also draw its figures there
+    if plot is not None:
+        for path in plot(base, rows, out_dir):
+            console.print(f"saved {path}")
     return rows

@@ -78,3 +78,29 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
                         }
                     )
     return rows
+
+
+def plot(base: ExperimentConfig, rows: list[dict[str, Any]], out_dir: Any) -> list[Any]:
+    """Per noise rate: the central run's curves with CE (solid) and ELR (dashed)."""
+    from pathlib import Path
+
+    from fedmem.reporting.plots import learning_curves
+    from fedmem.runs.rundir import RunDir
+
+    paths = []
+    for noise in sorted({r["noise"] for r in rows}):
+        metrics = []
+        for method in METHODS:
+            rd = RunDir.for_config(cell_config(base, noise, method, iid=True))
+            for r in rd.read_metrics():
+                if r["run"] == "central":
+                    metrics.append({**r, "run": f"{method} central"})
+        paths.append(
+            learning_curves(
+                metrics,
+                Path(out_dir) / f"central_noise{noise}.png",
+                title=f"central, noise {noise}: CE (solid) vs ELR (dashed)",
+                trainers={"CE central": "central", "ELR central": "federated"},
+            )
+        )
+    return paths

@@ -81,3 +81,27 @@ def _privacy_columns(cost: dict[str, Any]) -> dict[str, Any]:
         out["MIA AUC base"] = cost["membership_loss"]["base"]["auc"]
         out["MIA AUC resmem"] = cost["membership_loss"]["resmem"]["auc"]
     return out
+
+
+def plot(base: ExperimentConfig, rows: list[dict[str, Any]], out_dir: Any) -> list[Any]:
+    """Test accuracy vs MLP width: base model (solid) and with ResMem (dashed), one color per
+    run and noise rate."""
+    from pathlib import Path
+
+    from fedmem.reporting.plots import xy_lines
+
+    colors = {(0.0, "central"): "b", (0.0, "federated"): "r"}
+    series = {}
+    for noise in sorted({r["noise"] for r in rows}):
+        for run_name in ("central", "federated"):
+            rr = [r for r in rows if r["noise"] == noise and r["run"] == run_name]
+            if not rr:
+                continue
+            color = colors.get((noise, run_name), "c" if run_name == "central" else "m")
+            xs = [r["width"] for r in rr]
+            label = f"{run_name}, noise {noise}"
+            series[f"{label}: base"] = (xs, [r["test base"] for r in rr], f"{color}-")
+            series[f"{label}: ResMem"] = (xs, [r["test resmem"] for r in rr], f"{color}--")
+    path = Path(out_dir) / "test_acc_by_width.png"
+    title = "ResMem (dashed) vs the base model (solid)"
+    return [xy_lines(series, path, "MLP width (model.hidden)", "test accuracy", title, True)]

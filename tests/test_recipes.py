@@ -114,6 +114,8 @@ def test_early_learning_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "NOISE_RATES", (0.4,))
     assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "early_learning"]) == 0
     rows = _table(tmp_path, "early_learning")
+    (out,) = (tmp_path / "runs" / "recipes").glob("early_learning-*")
+    assert (out / "central_noise0.4.png").stat().st_size > 1000
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("CE", "central"),
         ("CE", "federated iid"),
@@ -144,6 +146,8 @@ def test_resmem_recipe(tmp_path, monkeypatch):
     assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "resmem"]) == 0
     rows = _table(tmp_path, "resmem")
     assert [r["run"] for r in rows] == ["central", "federated"]
+    (out,) = (tmp_path / "runs" / "recipes").glob("resmem-*")
+    assert (out / "test_acc_by_width.png").stat().st_size > 1000
     for r in rows:
         assert float(r["d test"]) == pytest.approx(
             float(r["test resmem"]) - float(r["test base"]), abs=1e-9

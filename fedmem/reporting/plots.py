@@ -171,3 +171,25 @@ def exposure_bars(
     ax.legend(fontsize=8)
     ax.set_title("canary exposure by insertion count and holders")
     return _save(fig, path)
+
+
+def xy_lines(
+    series: dict[str, tuple[list[float], list[float | None], str]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> Path:
+    """One line per series ``{label: (xs, ys, matplotlib format)}`` (None: a gap)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, (xs, ys, fmt) in series.items():
+        ax.plot(xs, [np.nan if y is None else y for y in ys], fmt, label=label, marker="o")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    return _save(fig, path)
