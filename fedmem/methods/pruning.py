@@ -1,0 +1,193 @@
+"""Pruning: masks over a model's weights, chosen by magnitude or at random, kept as buffers and
+re-applied after every optimizer step.
+
+Frankle & Carbin 2019 ("The Lottery Ticket Hypothesis"), Frankle et al. 2020 ("Linear Mode
+Connectivity and the Lottery Ticket Hypothesis"), Hooker et al. 2019 ("What Do Compressed Deep
+Neural Networks Forget?"). The structure follows open_lth (``pruning/sparse_global.py``,
+``pruning/pruned_model.py``): the prunable tensors are the weights of linear and convolutional
+layers (biases and norms stay dense), a mask is a 0/1 tensor per prunable weight, and
+
+- **global magnitude** (default): rank the surviving weights of all prunable layers but the
+  output layer together by |w| and remove the smallest; the output layer is pruned on its own
+  at ``output_fraction`` times the rate (the paper prunes it at half the rate);
+- **layer-wise magnitude**: every layer at the same rate, ranked within the layer;
+- **random** (the control): the same counts per layer as the magnitude choice would remove,
+  chosen by seeded random scores instead of |w|.
+
+:func:`prune` removes a *fraction of the remaining* weights (iterative magnitude pruning prunes
+p% of what is left at each level); with no masks yet it is one-shot pruning to that sparsity.
+
+Masks live on the model as buffers (``pruning_mask__<layer>__weight`` on the root module,
+:func:`attach_masks`), so they travel in its state dict (checkpoints; FedAvg averages
+identical 0/1 masks to the same mask).
+Momentum, weight decay and DP-SGD's noise move pruned weights off zero after every step —
+a common bug in public reproductions — so :class:`MaskPlugin` re-zeroes them after each
+optimizer step (:func:`apply_masks`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fedmem.methods.base import BatchContext, Plugin
+
+Scope = Literal["global", "layerwise"]
+Method = Literal["magnitude", "random"]
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: weight}`` of every linear and convolutional layer, in model order."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+            out[f"{mod_name}.weight" if mod_name else "weight"] = module.weight
+    return out
+
+
+def _counts(
+    weights: dict[str, torch.Tensor],
+    alive: dict[str, torch.Tensor],
+    fraction: float,
+    scope: Scope,
+    output: str,
+    output_fraction: float,
+) -> dict[str, int]:
+    """How many surviving weights each layer loses (by magnitude, as ``scope`` says)."""
+    remove = {n: 0 for n in weights}
+    out_alive = int(alive[output].sum())
+    remove[output] = int(round(fraction * output_fraction * out_alive))
+    hidden = [n for n in weights if n != output]
+    if scope == "layerwise":
+        for n in hidden:
+            remove[n] = int(round(fraction * int(alive[n].sum())))
+        return remove
+    if hidden:
+        mags = torch.cat([weights[n].abs().flatten()[alive[n].flatten()] for n in hidden])
+        k = int(round(fraction * len(mags)))
+        if k > 0:
+            threshold = torch.kthvalue(mags, k).values
+            for n in hidden:
+                w = weights[n].abs()[alive[n]]
+                remove[n] = int((w <= threshold).sum())
+            # ties at the threshold: trim the excess from the last layers
+            excess = sum(remove[n] for n in hidden) - k
+            for n in reversed(hidden):
+                take = min(excess, remove[n])
+                remove[n] -= take
+                excess -= take
+    return remove
+
+
+def prune(
+    model: nn.Module,
+    fraction: float,
+    masks: dict[str, torch.Tensor] | None = None,
+    method: Method = "magnitude",
+    scope: Scope = "global",
+    output_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """New masks that remove ``fraction`` of the weights ``masks`` keep (all, if None).
+
+    Magnitude: the smallest surviving |w| go, globally or per layer (``scope``), the output
+    layer at ``fraction * output_fraction`` on its own. Random: per layer the same numbers,
+    chosen by random scores from ``seed``. Returns bool masks keyed like :func:`prunable`.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune: fraction must be in [0, 1), got {fraction}")
+    weights = {n: p.detach().cpu() for n, p in prunable(model).items()}
+    if not weights:
+        raise ValueError(f"{type(model).__name__} has no prunable layers")
+    alive = {
+        n: (masks[n].bool().cpu() if masks is not None else torch.ones_like(w, dtype=torch.bool))
+        for n, w in weights.items()
+    }
+    output = list(weights)[-1]
+    remove = _counts(weights, alive, fraction, scope, output, output_fraction)
+    gen = torch.Generator().manual_seed(seed)
+    new = {}
+    for n, w in weights.items():
+        score = w.abs() if method == "magnitude" else torch.rand(w.shape, generator=gen)
+        score = torch.where(alive[n], score, torch.full_like(score, float("inf")))
+        mask = alive[n].clone()
+        if remove[n] > 0:
+            # stable order on ties: the lowest scores, then the lowest positions
+            drop = torch.argsort(score.flatten(), stable=True)[: remove[n]]
+            mask.view(-1)[drop] = False
+        new[n] = mask
+    return new
+
+
+def sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Share of prunable weights removed."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place."""
+    for n, p in prunable(model).items():
+        if n in masks:
+            p.mul_(masks[n].to(p.device, p.dtype))
+
+
+MASK_PREFIX = "pruning_mask__"
+
+
+def _buffer_name(weight: str) -> str:
+    return MASK_PREFIX + weight.replace(".", "__")
+
+
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Register every mask as a buffer of the model itself (``pruning_mask__<layer>__weight``,
+    so it is saved, loaded and averaged with the model) and zero the pruned weights.
+
+    On the root module rather than on each layer: Opacus refuses trainable layers that hold
+    buffers. Returns ``model``.
+    """
+    for n, m in masks.items():
+        name = _buffer_name(n)
+        if name in dict(model.named_buffers(recurse=False)):
+            getattr(model, name).copy_(m.float())
+        else:
+            model.register_buffer(name, m.float().to(prunable(model)[n].device))
+    apply_masks(model, masks)
+    return model
+
+
+def attached_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks :func:`attach_masks` put on ``model`` (thresholded at 0.5: an average of
+    identical 0/1 masks is the same mask)."""
+    return {
+        name[len(MASK_PREFIX) :].replace("__", "."): buf > 0.5
+        for name, buf in model.named_buffers(recurse=False)
+        if name.startswith(MASK_PREFIX)
+    }
+
+
+class MaskPlugin(Plugin):
+    """Re-zero the pruned weights after every optimizer step (and at the start of a round:
+    weights received from the server or a checkpoint come back masked)."""
+
+    name = "pruning"
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None):
+        self.masks = masks
+
+    @classmethod
+    def from_config(cls, cfg, run):  # type: ignore[no-untyped-def]
+        return None  # built by the pruning commands with their masks, not from the config
+
+    def begin_round(self, ctx, model, optimizer):  # type: ignore[no-untyped-def]
+        if self.masks is None:
+            self.masks = attached_masks(model)
+        apply_masks(model, self.masks)
+        return model, optimizer
+
+    def after_step(self, ctx: BatchContext, model: nn.Module) -> None:
+        if self.masks:
+            apply_masks(model, self.masks)
