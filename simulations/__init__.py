@@ -32,6 +32,7 @@ RECIPES = (
     "dp_memorization",
     "early_learning",
     "privacy_audit",
+    "pruning_sweep",
     "resmem",
 )
 

@@ -154,3 +154,26 @@ def test_resmem_recipe(tmp_path, monkeypatch):
         )
         assert float(r["noisy mem resmem"]) > float(r["noisy mem base"])
     assert rows[0]["client-local base"] in ("", "-") and float(rows[1]["client-local base"]) > 0
+
+
+def test_pruning_sweep_recipe(tmp_path, monkeypatch):
+    import simulations.pruning_sweep as recipe
+
+    monkeypatch.setattr(recipe, "SPARSITIES", (0.0, 0.8))
+    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "pruning_sweep"]) == 0
+    rows = _table(tmp_path, "pruning_sweep")
+    assert [(r["run"], r["method"], r["sparsity"]) for r in rows] == [
+        (run, method, s)
+        for run in ("central", "federated")
+        for method in ("magnitude", "random")
+        for s in ("0.0", "0.8")
+    ]
+    dense = [r for r in rows if r["sparsity"] == "0.0"]
+    assert {r["changed"] for r in dense} == {"0.0"} and {r["weights_remaining"] for r in dense} == {
+        "1.0"
+    }
+    pruned = [r for r in rows if r["sparsity"] == "0.8"]
+    # the output layer is pruned at half the rate: a little more than 20% of weights remain
+    assert all(0.2 < float(r["weights_remaining"]) < 0.25 for r in pruned)
+    (out,) = (tmp_path / "runs" / "recipes").glob("pruning_sweep-*")
+    assert (out / "accuracy_by_kind_central.png").is_file()

@@ -27,7 +27,9 @@ optimizer step (:func:`apply_masks`).
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -191,3 +193,49 @@ class MaskPlugin(Plugin):
     def after_step(self, ctx: BatchContext, model: nn.Module) -> None:
         if self.masks:
             apply_masks(model, self.masks)
+
+
+def one_shot(
+    model: nn.Module,
+    table: Any,
+    sparsities: Sequence[float],
+    method: Method = "magnitude",
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> list[dict[str, Any]]:
+    """Prune a trained ``model`` to each sparsity (no retraining) and evaluate it on the
+    table: test accuracy and :func:`fedmem.observer.fit_metrics` by example kind, plus the
+    examples whose prediction pruning changed.
+
+    ``changed``: share of training rows whose predicted class differs from the dense model's;
+    ``enrichment_<kind>``: P(kind | changed) / P(kind), for mislabeled, outlier and canary
+    rows — Hooker et al. 2019's pruning-identified exemplars for ONE dense model (the paper
+    compares the modal predictions of populations of independently trained dense and pruned
+    models; a run here has one model per trainer, so this is the single-model version).
+    """
+    from fedmem.observer import evaluate_logits
+
+    dense_row, dense_logits = evaluate_logits(model, table, batch_size)
+    dense_pred = dense_logits.argmax(1)
+    kinds = {"mislabeled": table.is_noisy, "outlier": table.is_outlier, "canary": table.is_canary}
+    rows = []
+    for s in sparsities:
+        pruned = copy.deepcopy(model)
+        masks = prune(pruned, s, method=method, seed=seed) if s > 0 else None
+        if masks is not None:
+            apply_masks(pruned, masks)
+        row, logits = evaluate_logits(pruned, table, batch_size)
+        changed = logits.argmax(1) != dense_pred
+        out: dict[str, Any] = {
+            "method": method,
+            "sparsity": s,
+            "weights_remaining": 1.0 - (sparsity(masks) if masks is not None else 0.0),
+            **{k: row[k] for k in ("test_acc", *dense_row) if k in row},
+            "changed": float(changed.float().mean()),
+        }
+        for kind, mask in kinds.items():
+            base = float(mask.float().mean())
+            if base > 0 and bool(changed.any()):
+                out[f"enrichment_{kind}"] = float(mask[changed].float().mean()) / base
+        rows.append(out)
+    return rows
