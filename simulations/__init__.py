@@ -31,6 +31,7 @@ RECIPES = (
     "central_gap",
     "dp_memorization",
     "early_learning",
+    "lottery",
     "privacy_audit",
     "pruning_sweep",
     "resmem",

@@ -177,3 +177,21 @@ def test_pruning_sweep_recipe(tmp_path, monkeypatch):
     assert all(0.2 < float(r["weights_remaining"]) < 0.25 for r in pruned)
     (out,) = (tmp_path / "runs" / "recipes").glob("pruning_sweep-*")
     assert (out / "accuracy_by_kind_central.png").is_file()
+
+
+def test_lottery_recipe(tmp_path, monkeypatch):
+    import simulations.lottery as recipe
+
+    monkeypatch.setattr(recipe, "LEVELS", 1)
+    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "lottery"]) == 0
+    rows = _table(tmp_path, "lottery")
+    assert [(r["rewind_round"], r["variant"]) for r in rows] == [
+        ("-", "dense"),
+        ("0", "ticket"),
+        ("0", "reinit"),
+        ("0", "random mask"),
+        ("2", "ticket"),
+        ("2", "reinit"),
+        ("2", "random mask"),
+    ]
+    assert all(0.75 < float(r["weights_remaining"]) < 0.85 for r in rows[1:])
