@@ -4,7 +4,10 @@ and to an early round, against a random re-initialization and a random mask
 
 The base experiment is trained once, keeping the round-k weights (``checkpoints.rounds``);
 each of ``LEVELS`` levels prunes 20% of the remaining weights of the previous ticket. Per level
-and variant: weights remaining, test accuracy and the memorization numbers after retraining.
+and variant: weights remaining, test accuracy and the memorization numbers after retraining;
+per rewind round, the instability barrier of Frankle et al. 2020 (test error barrier on the
+linear path between two dense copies trained from those weights with different batch
+orders).
 Central only so far (the federated variant is not built yet).
 
     python -m fedmem.simulate --recipe lottery [--config configs/lottery.yaml]
@@ -42,7 +45,7 @@ def base_config(base: ExperimentConfig) -> ExperimentConfig:
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
     from fedmem.data.table import cached_table
-    from fedmem.methods.lottery import imp
+    from fedmem.methods.lottery import imp, instability
     from fedmem.runs.checkpoints import load
     from fedmem.runs.experiment import run_or_load
 
@@ -58,11 +61,13 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
             "variant": "dense",
             "weights_remaining": 1.0,
             **{c: dense.get(c) for c in COLUMNS[1:]},
+            "instability_barrier": None,
         }
     ]
     for k in (0, EARLY_ROUND):
         console.print(f"iterative pruning, rewinding to round {k} ({LEVELS} levels)")
         start = load(rd.path / "checkpoints" / "central" / f"round-{k:05d}.pt")["model"]
+        barrier = instability(cfg, table, start, k)["barrier"]
         for r in imp(cfg, table, trained, start, k, LEVELS):
             rows.append(
                 {
@@ -70,6 +75,7 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
                     "level": r["level"],
                     "variant": r["variant"],
                     **{c: r.get(c) for c in COLUMNS},
+                    "instability_barrier": barrier,
                 }
             )
     return rows

@@ -58,3 +58,18 @@ def test_imp_is_deterministic_and_keeps_masks(tmp_path):
     for lvl in (1, 2):
         w = {r["variant"]: r["weights_remaining"] for r in a if r["level"] == lvl}
         assert w["ticket"] == w["reinit"] == w["random mask"]
+
+
+def test_instability_barrier_is_measured_on_the_linear_path(tmp_path, monkeypatch):
+    from fedmem.methods import lottery
+
+    cfg, table, init, _ = _setup(tmp_path)
+    res = lottery.instability(cfg, table, init, 0, points=5)
+    errs = res["path_test_error"]
+    assert len(errs) == 5 and all(0.0 <= e <= 1.0 for e in errs)
+    assert res["barrier"] == pytest.approx(max(errs) - 0.5 * (errs[0] + errs[-1]))
+    # the same batch order twice: both copies are identical, so the path is flat
+    monkeypatch.setattr(lottery, "derive_seed", lambda seed, *keys: seed)
+    flat = lottery.instability(cfg, table, init, 0, points=5)
+    assert flat["barrier"] == pytest.approx(0.0, abs=1e-9)
+    assert len(set(flat["path_test_error"])) == 1

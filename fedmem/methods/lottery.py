@@ -47,10 +47,15 @@ def rewound(
 
 
 def retrain(
-    cfg: ExperimentConfig, table: ExampleTable, model: nn.Module, start_round: int
+    cfg: ExperimentConfig,
+    table: ExampleTable,
+    model: nn.Module,
+    start_round: int,
+    order_seed: int | None = None,
 ) -> nn.Module:
     """Train rounds ``start_round + 1 .. train.rounds`` as the central run does (keyed batch
-    order per round, one optimizer across them), keeping the model's masks."""
+    order per round, one optimizer across them), keeping the model's masks. ``order_seed``:
+    another batch order (default: the run's, ``cfg.seed``)."""
     from fedmem.methods.pruning import attached_masks
 
     plugin = MaskPlugin(attached_masks(model))
@@ -58,7 +63,7 @@ def retrain(
     x, y, rows = table.x, table.y_obs, table.ids
     for r in range(start_round + 1, cfg.train.rounds + 1):
         ctx = RoundContext("central", r, None, rows, len(table), cfg.seed)
-        order = keyed_order(cfg.seed, r, rows, len(table))
+        order = keyed_order(cfg.seed if order_seed is None else order_seed, r, rows, len(table))
         train_epochs(
             model,
             x,
@@ -129,3 +134,37 @@ def _same_counts(masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.T
         r[order] = True
         out[n] = r.view_as(m)
     return out
+
+
+def instability(
+    cfg: ExperimentConfig,
+    table: ExampleTable,
+    start: dict[str, torch.Tensor],
+    start_round: int,
+    points: int = 11,
+) -> dict[str, Any]:
+    """Frankle et al. 2020's instability analysis of the round-``start_round`` weights: train
+    two copies from them with different batch orders, and measure test error along the linear
+    path between the two results; the error barrier is the largest error on the path minus
+    the mean of the two end points' errors. A small barrier (linear mode connectivity) is the
+    round from which rewinding finds tickets in the paper. Dense (no masks); integer buffers
+    (e.g. BatchNorm's counter) are interpolated as floats."""
+    ends = []
+    for order_seed in (cfg.seed, derive_seed(cfg.seed, "instability", "order") % 2**31):
+        model = experiment_model(cfg, table.input_shape, table.num_classes)
+        model.load_state_dict(start)
+        ends.append(retrain(cfg, table, model, start_round, order_seed).state_dict())
+    errors = []
+    model = experiment_model(cfg, table.input_shape, table.num_classes)
+    for i in range(points):
+        a = i / (points - 1)
+        model.load_state_dict(
+            {k: (1 - a) * ends[0][k].float() + a * ends[1][k].float() for k in ends[0]}
+        )
+        row, _ = evaluate_logits(model, table, cfg.train.eval_batch_size)
+        errors.append(1.0 - row["test_acc"])
+    return {
+        "rewind_round": start_round,
+        "path_test_error": errors,
+        "barrier": max(errors) - 0.5 * (errors[0] + errors[-1]),
+    }
