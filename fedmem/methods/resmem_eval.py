@@ -34,6 +34,7 @@ from fedmem.methods.resmem import ResidualMemory, ResMemModel, ResMemSettings, p
 from fedmem.privacy.audit import attacks
 from fedmem.privacy.audit.records import AuditedRun, load_model
 from fedmem.privacy.audit.scoring import canary_exposure
+from fedmem.privacy.audit.target import canary_rows
 
 
 def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -147,19 +148,14 @@ def privacy_cost(
             for k, p in (("base", base), ("resmem", mem))
         }
     if bool((table.canary_id >= 0).any()) and len(table.canary_ref_y):
-        first = np.unique(table.canary_id.numpy(), return_index=True)
-        cid, rows = first[0][first[0] >= 0], first[1][first[0] >= 0]
-        copies = np.bincount(table.canary_id[table.is_canary].numpy(), minlength=len(cid))
-        holders = np.array(
-            [len(torch.unique(table.client[table.canary_id == c])) for c in cid], dtype=np.int64
-        )
+        rows, copies, holders = canary_rows(table)
         can = predict(model, table.x[rows], memory, s)
         ref = predict(model, table.canary_ref_x, memory, s)
         out["exposure_mean"] = {
             k: canary_exposure(
                 _label_loss(can[i], table.y_obs[rows]),
                 _label_loss(ref[i], table.canary_ref_y),
-                copies[cid],
+                copies,
                 holders,
             )["by_group"]["all"]["mean"]
             for i, k in ((0, "base"), (1, "resmem"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmem.data.table import AUDIT_CANARY, AUDIT_POOL
+from fedmem.data.table import AUDIT_CANARY, AUDIT_POOL, ExampleTable
 from fedmem.observer import predict
 from fedmem.privacy.audit import attacks, one_run
 from fedmem.privacy.audit.data import ShadowData, client_shadow_data
@@ -49,19 +49,14 @@ def audit_model(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     if "exposure" not in missing:
-        first = np.unique(table.canary_id.numpy(), return_index=True)
-        cid, rows = first[0][first[0] >= 0], first[1][first[0] >= 0]
+        rows, copies, holders = canary_rows(table)
         losses = F.cross_entropy(
             predict(model, table.x[rows], bs), table.y_obs[rows], reduction="none"
         )
         ref = F.cross_entropy(
             predict(model, table.canary_ref_x, bs), table.canary_ref_y, reduction="none"
         )
-        copies = np.bincount(table.canary_id[table.is_canary].numpy(), minlength=len(cid))
-        holders = np.array(
-            [len(torch.unique(table.client[table.canary_id == c])) for c in cid], dtype=np.int64
-        )
-        res["exposure"] = canary_exposure(losses.numpy(), ref.numpy(), copies[cid], holders)
+        res["exposure"] = canary_exposure(losses.numpy(), ref.numpy(), copies, holders)
 
     if shadows is not None and candidate_masks is not None:
         cand_logits = predict(model, table.audit_x, bs)
@@ -108,6 +103,18 @@ def audit_model(
     if "client_membership" not in missing:
         res["client_membership"] = client_membership(run, model, client_shadows)
     return res, curves
+
+
+def canary_rows(table: ExampleTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every inserted canary (ascending id): the table row of its first copy, its number
+    of copies and the number of clients holding it (the exposure groups)."""
+    ids, first = np.unique(table.canary_id.numpy(), return_index=True)
+    cid, rows = ids[ids >= 0], first[ids >= 0]
+    copies = np.bincount(table.canary_id[table.is_canary].numpy(), minlength=len(cid))
+    holders = np.array(
+        [len(torch.unique(table.client[table.canary_id == c])) for c in cid], dtype=np.int64
+    )
+    return rows, copies[cid], holders
 
 
 def population_scores(
