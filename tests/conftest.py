@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A shared cache so MNIST-1D is generated once per test session machine.
 CACHE = REPO / ".cache" / "fedmem-tests"
+
+
+def simulate_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m fedmem.simulate ARGS`` in a subprocess from the repo root (the real CLI:
+    exit code, stderr as a user sees it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedmem.simulate", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def small_overrides(tmp_path: Path) -> list[str]:

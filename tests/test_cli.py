@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from fedmem.observer import Observer
 from fedmem.simulate import main
-from tests.conftest import REPO, small_overrides
+from tests.conftest import simulate_cli, small_overrides
 
 CENTRAL_ONLY = ["federation.enabled=false"]
 
@@ -126,13 +124,7 @@ def test_same_config_twice_gives_identical_metrics_bytes(tmp_path):
 )
 def test_config_error_exits_2_and_writes_nothing(tmp_path, override, key):
     args = [*small_overrides(tmp_path), override]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmem.simulate", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = simulate_cli(*args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], proc.stderr
@@ -172,13 +164,7 @@ def test_interrupted_run_is_not_complete_and_is_resumed(tmp_path, monkeypatch, c
 
 
 def test_help_lists_config_sections():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmem.simulate", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = simulate_cli("--help")
     assert proc.returncode == 0
     for key in ("data.noise.rate", "partition.alpha", "train.lr", "federation.num_clients"):
         assert key in proc.stdout

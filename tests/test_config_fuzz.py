@@ -17,8 +17,6 @@ import itertools
 import math
 import re
 import string
-import subprocess
-import sys
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -34,7 +32,7 @@ from pydantic.fields import FieldInfo
 from fedmem import config
 from fedmem.config import ConfigError, ExperimentConfig
 from fedmem.simulate import main
-from tests.conftest import REPO
+from tests.conftest import simulate_cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,13 +266,7 @@ def test_real_cli_in_a_subprocess(tmp_path_factory, data):
     key = data.draw(st.sampled_from(CLI_KEYS), label="key")
     target, value, named = data.draw(bad_cases(key), label="case")
     out = tmp_path_factory.mktemp("cli") / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmem.simulate", "--out", str(out), f"{target}={flow(value)}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = simulate_cli("--out", str(out), f"{target}={flow(value)}")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -7,9 +7,6 @@ no run directory (issue 11, "Bad input and failures").
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ from fedmem.config import ConfigError, load
 from fedmem.models.factory import resolve_device
 from fedmem.runs import devices
 from fedmem.simulate import main
-from tests.conftest import REPO, small_overrides
+from tests.conftest import REPO, simulate_cli, small_overrides
 
 DEFAULT = REPO / "configs" / "default.yaml"
 
@@ -226,13 +223,7 @@ def test_subprocess_duplicate_key_exits_2(tmp_path):
     """The real CLI in a fresh interpreter: exit 2, one line, no traceback."""
     path = tmp_path / "dup.yaml"
     path.write_text("seed: 1\nseed: 2\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmem.simulate", "--config", str(path), "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = simulate_cli("--config", str(path), "--out", str(tmp_path))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "duplicate key seed" in lines[0], proc.stderr
