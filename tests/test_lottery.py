@@ -73,3 +73,76 @@ def test_instability_barrier_is_measured_on_the_linear_path(tmp_path, monkeypatc
     flat = lottery.instability(cfg, table, init, 0, points=5)
     assert flat["barrier"] == pytest.approx(0.0, abs=1e-9)
     assert len(set(flat["path_test_error"])) == 1
+
+
+# -- federated: masks broadcast by the server, enforced by clients and after aggregation ------
+def _fed_setup(tmp_path, *extra):
+    cfg = config.load(
+        REPO / "configs" / "default.yaml",
+        [*small_overrides(tmp_path), "train.rounds=2", "federation.backend=local", *extra],
+    )
+    table = cached_table(cfg)
+    model = init_model(cfg, table)
+    masks = prune(model, 0.6)
+    return cfg, table, rewound(cfg, table, init_model(cfg, table).state_dict(), masks), masks
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),  # FedAvg: averaging identical masks keeps them
+        ("federation.strategy=fedadam",),  # server optimizer moments
+        ("privacy.user_level=true", "privacy.user_noise_multiplier=0.5"),  # noise everywhere
+        ("privacy.record_level=true", "privacy.noise_multiplier=1.0"),  # Opacus on clients
+    ],
+    ids=["fedavg", "fedadam", "dp-fedavg", "dp-sgd"],
+)
+def test_federated_ticket_keeps_pruned_weights_exactly_zero(tmp_path, extra):
+    from fedmem.methods.lottery import retrain_federated
+    from fedmem.methods.pruning import attached_masks
+
+    cfg, table, ticket, masks = _fed_setup(tmp_path, *extra)
+    start = {n: p.detach().clone() for n, p in prunable(ticket).items()}
+    out = retrain_federated(cfg, table, ticket, 0)
+    assert {n: m.equal(masks[n]) for n, m in attached_masks(out).items()} == {
+        n: True for n in masks
+    }
+    for n, p in prunable(out).items():
+        assert (p[~masks[n]] == 0).all(), n
+        assert not torch.equal(p[masks[n]], start[n][masks[n]]), f"{n} survivors did not train"
+
+
+def test_federated_rewind_runs_only_the_rounds_after_k_and_is_deterministic(tmp_path):
+    from fedmem.federation.engine import run_federated
+    from tests.conftest import federated_job
+
+    cfg, table, ticket, _ = _fed_setup(tmp_path, "train.rounds=3")
+    state = ticket.state_dict()
+    runs = []
+    for _ in range(2):
+        job, rows, clients = federated_job(cfg)
+        job.start = (1, state)
+        run_federated(job)
+        runs.append((job.final_state, rows, clients))
+    (a, rows, clients), (b, _, _) = runs
+    assert [r["round"] for r in rows] == [2, 3]
+    assert sorted({c["round"] for c in clients}) == [2, 3]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_federated_imp_and_order_seed(tmp_path):
+    from fedmem.methods.lottery import retrain_federated
+
+    cfg, table, ticket, _ = _fed_setup(tmp_path)
+    init = init_model(cfg, table).state_dict()
+    rows = imp(cfg, table, ticket.state_dict(), init, 0, levels=1, trainer="federated")
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("federated", v) for v in ("ticket", "reinit", "random mask")
+    ]
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    # another batch order on the clients gives other weights; the same one the same weights
+    a = retrain_federated(cfg, table, ticket, 0).state_dict()
+    b = retrain_federated(cfg, table, ticket, 0, order_seed=cfg.seed).state_dict()
+    c = retrain_federated(cfg, table, ticket, 0, order_seed=cfg.seed + 1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

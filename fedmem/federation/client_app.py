@@ -12,6 +12,8 @@ exactly).
 Message handlers:
 - ``query``: reply with the partition id (the server maps random node ids to partitions).
 - ``train``: local training from the received global model; reply with weights and metrics.
+  A pruned global model carries its masks as buffers (:mod:`fedmem.methods.pruning`): the
+  client trains only the surviving weights (re-zeroed after every step).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fedmem.data.table import ExampleTable, cached_table
 from fedmem.federation.client_state import current_state, save_state
 from fedmem.methods import RoundContext, build_plugins
 from fedmem.methods.base import plugin_metrics
+from fedmem.methods.pruning import MaskPlugin, load_pruned
 from fedmem.models.factory import experiment_model, resolve_device
 from fedmem.seeding import np_rng
 from fedmem.train import keyed_order, train_epochs
@@ -87,7 +90,8 @@ def train(msg: Message, context: Context) -> Message:
     device = client_device(cfg)
 
     model = experiment_model(cfg, table.input_shape, table.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    # a pruned global model carries its masks: train only the surviving weights
+    masks = load_pruned(model, msg.content["arrays"].to_torch_state_dict())
     model.to(device)
 
     state_dir = str(conf["state-dir"]) if "state-dir" in conf else None
@@ -95,10 +99,13 @@ def train(msg: Message, context: Context) -> Message:
     plugins = build_plugins(cfg, "federated")
     for plugin in plugins:
         plugin.load_state_dict(state.plugins.get(plugin.name, {}))
+    if masks:
+        plugins.append(MaskPlugin(masks))  # last: re-zeroes after every other plug-in
 
     rows = table.client_rows(pid)
     x, y = table.x[rows].to(device), table.y_obs[rows].to(device)
-    order = keyed_order(cfg.seed, round_, rows, len(table))
+    # "order-seed": another batch order with the same data (the lottery's instability test)
+    order = keyed_order(int(conf.get("order-seed", cfg.seed)), round_, rows, len(table))
     dp = history = None
     if cfg.privacy.record_level:
         from fedmem.privacy.dp import AccountantHistory, DPSession
@@ -134,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
 
     state.round = round_
     state.rounds_trained += 1
-    state.plugins = {plugin.name: plugin.state_dict() for plugin in plugins}
+    state.plugins = {p.name: p.state_dict() for p in plugins if not isinstance(p, MaskPlugin)}
     state.to_context(context.state)
     if state_dir is not None:
         save_state(state_dir, pid, state, keep=int(conf.get("state-keep", 2)))

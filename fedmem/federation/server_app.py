@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmem.analysis.gradients import layer_groups, split_clients, update_cosine
 from fedmem.config import ExperimentConfig, to_dict
 from fedmem.data.table import ExampleTable
+from fedmem.methods.pruning import enforce_masks, load_pruned
 from fedmem.models.factory import init_model
 from fedmem.observer import Observer, stops_here
 from fedmem.privacy.epsilon import INF, json_epsilon
@@ -56,6 +57,10 @@ class FederatedJob:
     checkpoints: ModelCheckpoints | None = None  # kept rounds + resume state (run directory)
     updates: UpdateLog | None = None  # every round's client updates (checkpoints.client_updates)
     state_dir: str | None = None  # where clients keep their own state files (resume)
+    # start from these weights after round ``start[0]`` instead of the initialization (the
+    # lottery's rewound tickets: pruning masks in the state are enforced after every round)
+    start: tuple[int, dict[str, torch.Tensor]] | None = None
+    order_seed: int | None = None  # clients' batch-order seed (default: the experiment seed)
 
 
 def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
@@ -197,6 +202,7 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], Any],
     timeout: float = ROUND_TIMEOUT_S,
     stop: Callable[[int], bool] | None = None,
+    after_aggregate: Callable[[ArrayRecord], ArrayRecord] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..num_rounds`` of Flower's ``Strategy.start`` loop.
 
@@ -205,6 +211,8 @@ def run_rounds(
     server-side ``evaluate_fn``), which always starts at round 1 and so cannot resume a run.
     Round 0's evaluation (the initial model) happens when ``first_round == 1``. ``stop(r)``
     true after round ``r``'s evaluation ends the run there (a diverged model).
+    ``after_aggregate`` maps each round's aggregate before anything else sees it (re-zeroing
+    pruned weights).
     """
     if first_round == 1:
         evaluate_fn(0, arrays)
@@ -214,7 +222,7 @@ def run_rounds(
         )
         aggregated, _ = strategy.aggregate_train(r, replies)
         if aggregated is not None:
-            arrays = aggregated
+            arrays = aggregated if after_aggregate is None else after_aggregate(aggregated)
         evaluate = list(strategy.configure_evaluate(r, arrays, ConfigRecord(), grid))
         if evaluate:
             strategy.aggregate_evaluate(r, grid.send_and_receive(evaluate, timeout=timeout))
@@ -232,6 +240,10 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
     model = init_model(cfg, table)
     examples = 0
     first_round = 1
+    masks: dict[str, torch.Tensor] = {}
+    if job.start is not None:
+        masks = load_pruned(model, job.start[1])
+        first_round = job.start[0] + 1
     resume = job.checkpoints.load_resume() if job.checkpoints is not None else None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -302,6 +314,8 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
     elif job.on_round and job.rows:
         job.on_round(first_round - 1, job.rows[-1])
     train_config = {"experiment": json.dumps(to_dict(cfg))}
+    if job.order_seed is not None:
+        train_config["order-seed"] = job.order_seed
     if job.state_dir is not None:
         train_config["state-dir"] = job.state_dir
         # a client's newest state file from a round <= the server's resume round must survive
@@ -315,6 +329,11 @@ def run_job(job: FederatedJob, grid: Grid) -> None:
         ConfigRecord(train_config),
         evaluate_fn,
         stop=lambda r: stops_here(cfg, job.rows[-1]),
+        after_aggregate=(
+            (lambda a: ArrayRecord(enforce_masks(a.to_torch_state_dict(), masks)))
+            if masks
+            else None
+        ),
     )
     # evaluate_fn loaded the last global weights into ``model``
     job.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,18 +1,22 @@
-"""Iterative magnitude pruning with rewinding: lottery tickets of the central run (Frankle &
-Carbin 2019; rewinding to an early round: Frankle et al. 2020).
+"""Iterative magnitude pruning with rewinding: lottery tickets, central and federated
+(Frankle & Carbin 2019; rewinding to an early round: Frankle et al. 2020).
 
-Starting from the trained central model, each level prunes ``fraction`` of the remaining
-weights by global magnitude (:func:`fedmem.methods.pruning.prune`), rewinds the survivors to
-their values at round ``k`` of the original run (``checkpoints/central/round-0000k.pt``: round
-0 is the initialization), and retrains rounds ``k+1 .. R`` with the original schedule (same
-keyed batch order per round, a fresh optimizer at the rewind point as open_lth does) while
-:class:`~fedmem.methods.pruning.MaskPlugin` keeps the pruned weights at zero. The next level
-prunes the retrained ticket. Controls at every level, as in the paper: the same mask with a
-fresh random initialization (``reinit``), and a random mask with the same per-layer counts on
-the rewound weights (``random mask``).
+Starting from a trained model, each level prunes ``fraction`` of the remaining weights by
+global magnitude (:func:`fedmem.methods.pruning.prune`), rewinds the survivors to their values
+at round ``k`` of the original run (``checkpoints/<model>/round-0000k.pt``: round 0 is the
+initialization), and retrains rounds ``k+1 .. R`` with the original schedule, keeping the
+pruned weights at zero. The next level prunes the retrained ticket. Controls at every level,
+as in the paper: the same mask with a fresh random initialization (``reinit``), and a random
+mask with the same per-layer counts on the rewound weights (``random mask``).
 
-Central only for now; the federated variant (rewind to the global model of round k, masks
-broadcast by the server) is not built yet.
+- ``central`` (:func:`retrain`): the central run's loop, same keyed batch order per round, a
+  fresh optimizer at the rewind point as open_lth does; :class:`MaskPlugin` re-zeroes.
+- ``federated`` (:func:`retrain_federated`): the server prunes the *global* model, rewinds it
+  to the global model of round ``k`` and runs rounds ``k+1 .. R`` through the experiment's
+  own engine (same strategy, same client sampling per round; fresh strategy and client
+  state at the rewind point). The masks travel as buffers in the broadcast weights: every
+  client trains only the survivors (re-zeroed after each step) and the server re-zeroes them
+  after each aggregation (:func:`fedmem.methods.pruning.enforce_masks`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
 from fedmem.methods import RoundContext
-from fedmem.methods.pruning import MaskPlugin, attach_masks, prune, sparsity
+from fedmem.methods.pruning import MaskPlugin, attach_masks, load_pruned, prune, sparsity
 from fedmem.models.factory import experiment_model
 from fedmem.observer import evaluate_logits
 from fedmem.seeding import derive_seed
@@ -78,6 +82,33 @@ def retrain(
     return model
 
 
+def retrain_federated(
+    cfg: ExperimentConfig,
+    table: ExampleTable,
+    model: nn.Module,
+    start_round: int,
+    order_seed: int | None = None,
+) -> nn.Module:
+    """Federated rounds ``start_round + 1 .. train.rounds`` from ``model``'s weights (masks
+    included) on the experiment's backend; returns the final global model. ``order_seed``:
+    another batch order on every client (default: the run's)."""
+    from fedmem.federation.engine import run_federated
+    from fedmem.federation.server_app import FederatedJob
+    from fedmem.observer import Observer
+
+    observer = Observer(table, "federated", lambda row: None, cfg.train.eval_batch_size)
+    start = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    job = FederatedJob(cfg, table, observer, start=(start_round, start), order_seed=order_seed)
+    run_federated(job)
+    assert job.final_state is not None
+    out = experiment_model(cfg, table.input_shape, table.num_classes)
+    load_pruned(out, job.final_state)
+    return out
+
+
+RETRAIN = {"central": retrain, "federated": retrain_federated}
+
+
 def imp(
     cfg: ExperimentConfig,
     table: ExampleTable,
@@ -86,13 +117,15 @@ def imp(
     rewind_round: int,
     levels: int,
     fraction: float = 0.2,
+    trainer: str = "central",
 ) -> list[dict[str, Any]]:
-    """``levels`` rounds of prune-rewind-retrain from the ``trained`` central weights; every
-    variant evaluated after retraining (:func:`fedmem.observer.evaluate_logits`)."""
+    """``levels`` rounds of prune-rewind-retrain from the ``trained`` weights (of the central
+    model or the final global model: ``trainer``); every variant evaluated after retraining
+    (:func:`fedmem.observer.evaluate_logits`)."""
+    train = RETRAIN[trainer]
     out: list[dict[str, Any]] = []
     current = experiment_model(cfg, table.input_shape, table.num_classes)
-    current.load_state_dict(trained)
-    masks = None
+    masks = load_pruned(current, trained) or None  # a pruned start continues from its masks
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "lottery", "reinit"))
         reinit_weights = experiment_model(cfg, table.input_shape, table.num_classes).state_dict()
@@ -107,10 +140,11 @@ def imp(
             "random mask": (rewind_weights, random_masks),
         }
         for variant, (weights, m) in starts.items():
-            model = retrain(cfg, table, rewound(cfg, table, weights, m), rewind_round)
+            model = train(cfg, table, rewound(cfg, table, weights, m), rewind_round)
             row, _ = evaluate_logits(model, table, cfg.train.eval_batch_size)
             out.append(
                 {
+                    "model": trainer,
                     "level": level,
                     "variant": variant,
                     "rewind_round": rewind_round,
@@ -142,6 +176,7 @@ def instability(
     start: dict[str, torch.Tensor],
     start_round: int,
     points: int = 11,
+    trainer: str = "central",
 ) -> dict[str, Any]:
     """Frankle et al. 2020's instability analysis of the round-``start_round`` weights: train
     two copies from them with different batch orders, and measure test error along the linear
@@ -153,7 +188,7 @@ def instability(
     for order_seed in (cfg.seed, derive_seed(cfg.seed, "instability", "order") % 2**31):
         model = experiment_model(cfg, table.input_shape, table.num_classes)
         model.load_state_dict(start)
-        ends.append(retrain(cfg, table, model, start_round, order_seed).state_dict())
+        ends.append(RETRAIN[trainer](cfg, table, model, start_round, order_seed).state_dict())
     errors = []
     model = experiment_model(cfg, table.input_shape, table.num_classes)
     for i in range(points):

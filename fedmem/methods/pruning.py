@@ -171,6 +171,46 @@ def attached_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def masks_in_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{weight name: bool mask}`` of the mask buffers a state dict carries (empty: dense)."""
+    return {
+        k[len(MASK_PREFIX) :].replace("__", "."): v > 0.5
+        for k, v in state.items()
+        if k.startswith(MASK_PREFIX)
+    }
+
+
+def load_pruned(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load ``state`` into a freshly built ``model``, first attaching the masks it carries
+    (so a pruned model's state dict loads strictly, and the model stays pruned). Returns the
+    masks (empty for a dense state). Clients, the server and the audit load weights this way.
+    """
+    masks = masks_in_state(state)
+    if masks:
+        attach_masks(model, masks)
+    model.load_state_dict(state)
+    if masks:
+        apply_masks(model, masks)
+    return masks
+
+
+@torch.no_grad()
+def enforce_masks(
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` with the pruned weights set to exactly zero and the mask buffers restored to
+    ``masks`` (in each tensor's own dtype). The server applies it after every aggregation:
+    DP-FedAvg's noise and server optimizers (FedAdam's moments) otherwise move pruned weights
+    and the averaged mask buffers."""
+    out = dict(state)
+    for n, m in masks.items():
+        out[n] = state[n] * m.to(state[n].device, state[n].dtype)
+        buf = _buffer_name(n)
+        if buf in state:
+            out[buf] = m.to(state[buf].device, state[buf].dtype)
+    return out
+
+
 class MaskPlugin(Plugin):
     """Re-zero the pruned weights after every optimizer step (and at the start of a round:
     weights received from the server or a checkpoint come back masked)."""

@@ -152,7 +152,9 @@ def load_model(run: AuditedRun, name: str, device: torch.device) -> nn.Module:
 
             settings = ResMemSettings(**record.details)
             return ResMemModel.from_state(model, state, settings).to(device).eval()
-        model.load_state_dict(state)
+        from fedmem.methods.pruning import load_pruned
+
+        load_pruned(model, state)  # a pruned model (lottery ticket) brings its masks
     except FileNotFoundError:
         raise InputError(
             f"RUN_DIR: {checkpoint} is missing; rerun with python -m fedmem.simulate --force"
