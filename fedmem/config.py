@@ -290,8 +290,10 @@ class FederationConfig(_Section):
     )
     client_failure_rate: float = Field(0.0, ge=0.0, lt=1.0)
     client_resources: ClientResources = ClientResources()
-    backend: Literal["ray", "local"] = Field(
-        "ray", description="ray: Flower simulation engine on Ray; local: in-process, no Ray"
+    backend: Literal["ray", "local", "batched"] = Field(
+        "ray",
+        description="ray: Flower simulation engine on Ray; local: in-process, no Ray; batched: "
+        "in-process, all clients of a round trained at once as stacked models (FedAvg family)",
     )
     ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")
 
@@ -521,6 +523,12 @@ class ExperimentConfig(_Section):
             )
         if self.partition.kind == "shards" and self.partition.classes_per_client < 1:
             raise _KeyedError("partition.classes_per_client", "must be >= 1")
+        if self.federation.backend == "batched":
+            from fedmem.federation.batched_support import unsupported
+
+            problem = unsupported(self)
+            if problem is not None:
+                raise _KeyedError(*problem)
         return self
 
 

@@ -147,8 +147,8 @@ def run_experiment(
                 from fedmem.federation.engine import run_federated
 
                 engine = (
-                    "in this process (backend=local)"
-                    if cfg.federation.backend == "local"
+                    f"in this process (backend={cfg.federation.backend})"
+                    if cfg.federation.backend in ("local", "batched")
                     else "on Ray (Flower's simulation engine)"
                 )
                 progress.console.print(f"federated: starting {engine} ...")

@@ -1,0 +1,231 @@
+"""An in-process Flower Grid that trains all clients of a round at once (``backend=batched``).
+
+:class:`BatchedGrid` is a :class:`~fedmem.federation.local_grid.LocalGrid` (same nodes, same
+persistent ``Context`` per node) whose ``train`` messages are answered by stacked training
+(:func:`fedmem.federation.batched_train.train_clients`) instead of one ClientApp call per
+client. Each client still gets its own reply Message with exactly what the ClientApp's
+``train`` handler returns: its weights as an ArrayRecord and a MetricRecord with the same keys
+(``num-examples``, ``partition-id``, ``train-loss``, ``examples``, ``steps``, ``noisy-share``,
+``rounds-trained``, ``train-s``, ``unit-weight``), so the strategy aggregates with its own math
+and the observer sees the same rows. ``train-s`` is the batched training's wall time shared
+equally among the clients trained together.
+
+Client state is kept exactly as the ClientApp keeps it (:mod:`fedmem.federation.client_state`:
+``context.state`` and, when the server names a ``state-dir``, the client's state files), so a
+resumed run continues the same way on either backend. Other messages (the partition-id
+``query``) and clients that fail this round (``federation.client_failure_rate``: the ClientApp
+raises before training) go through the real ClientApp, one by one, as in LocalGrid.
+
+What the batched trainer supports is checked when the config is built
+(:mod:`fedmem.federation.batched_support`); this module assumes a valid config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from io import BytesIO
+from uuid import uuid4
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
+
+from fedmem.config import ExperimentConfig
+from fedmem.data.table import ExampleTable
+from fedmem.federation import client_app
+from fedmem.federation.batched_train import train_clients
+from fedmem.federation.client_state import current_state, save_state
+from fedmem.federation.local_grid import LocalGrid
+from fedmem.methods import build_plugins
+from fedmem.methods.base import plugin_metrics
+from fedmem.models.factory import experiment_model
+
+
+class HeldArray(Array):
+    """An :class:`flwr.app.Array` made in memory: ``data`` holds exactly the bytes
+    ``Array(ndarray)`` would hold (``np.save`` format), and :meth:`numpy` returns a copy of the
+    values it was made from instead of parsing ``data`` again (the parse dominates the cost of
+    aggregating many small arrays)."""
+
+    def __init__(self, values: np.ndarray, header: bytes):  # noqa: D107 (the fields as Array's)
+        if not values.flags.c_contiguous:
+            values = values.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
+        # the four fields Array.__init__ sets, without its argument dispatch
+        self.__dict__.update(
+            dtype=str(values.dtype),
+            shape=tuple(int(d) for d in values.shape),
+            stype=SType.NUMPY,
+            data=b"".join((header, values.data)),
+            _values=values,
+        )
+
+    def numpy(self) -> np.ndarray:
+        return self.__dict__["_values"].copy()
+
+
+_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``np.save`` header of an array of this dtype and shape (cached)."""
+    key = (np.dtype(dtype).str, tuple(shape))
+    if key not in _headers:
+        buf = BytesIO()
+        np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=False)
+        data = buf.getvalue()
+        _headers[key] = data[: len(data) - np.zeros(shape, dtype=dtype).nbytes]
+    return _headers[key]
+
+
+def held_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ArrayRecord of CPU tensors, as ``ArrayRecord(state)`` holds them (same keys, order and
+    bytes), built from :class:`HeldArray` values."""
+    record = ArrayRecord()
+    for name, t in state.items():
+        values = t.detach().numpy()
+        record[name] = HeldArray(values, npy_header(values.dtype, values.shape))
+    return record
+
+
+class BatchedGrid(LocalGrid):
+    """LocalGrid with every round's ``train`` messages answered by one batched training.
+
+    ``workers``: Python threads training chunks of clients on CPU (default: torch's thread
+    count when the round starts).
+    """
+
+    def __init__(self, app: ClientApp, num_nodes: int, workers: int | None = None):
+        super().__init__(app, num_nodes, client_threads=None)
+        self.workers = workers
+        self._device_data: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        groups: dict[int, list[Message]] = {}  # train messages with the same content object
+        for msg in messages:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                groups.setdefault(id(msg.content), []).append(msg)
+            else:
+                self._replies[msg.metadata.message_id] = self._deliver(msg)
+        for group in groups.values():
+            for msg, reply in zip(group, self._train(group), strict=True):
+                self._replies[msg.metadata.message_id] = reply
+        return [msg.metadata.message_id for msg in messages]
+
+    # -- training ----------------------------------------------------------------------------
+    def _train(self, messages: list[Message]) -> list[Message]:
+        """Replies to ``train`` messages that share one content (global model and config)."""
+        conf = messages[0].content["config"]
+        cfg, table = client_app.experiment(str(conf["experiment"]))
+        round_ = int(conf["server-round"])
+        replies: dict[int, Message] = {}
+        training: list[tuple[int, Message]] = []
+        for i, msg in enumerate(messages):
+            pid = self._pid(msg)
+            if client_app.fails(cfg, round_, pid):  # the ClientApp raises: its error reply
+                replies[i] = self._deliver(msg)
+            else:
+                training.append((i, msg))
+        if training:
+            trained = self._train_clients(cfg, table, round_, [m for _, m in training])
+            replies.update({i: r for (i, _), r in zip(training, trained, strict=True)})
+        return [replies[i] for i in range(len(messages))]
+
+    def _pid(self, msg: Message) -> int:
+        return int(self.contexts[msg.metadata.dst_node_id].node_config["partition-id"])
+
+    def _data(self, table: ExampleTable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table's inputs and observed labels on ``device`` (kept across rounds)."""
+        if self._device_data is None or self._device_data[:2] != (id(table), device):
+            self._device_data = (id(table), device, table.x.to(device), table.y_obs.to(device))
+        return self._device_data[2], self._device_data[3]
+
+    def _train_clients(
+        self, cfg: ExperimentConfig, table: ExampleTable, round_: int, messages: list[Message]
+    ) -> list[Message]:
+        t0 = time.perf_counter()
+        conf = messages[0].content["config"]
+        state_dir = str(conf["state-dir"]) if "state-dir" in conf else None
+        device = client_app.client_device(cfg)
+        template = experiment_model(cfg, table.input_shape, table.num_classes)
+        model_state = template.state_dict()
+        received = messages[0].content["arrays"].to_torch_state_dict()
+        if set(received) != set(model_state):
+            extra = sorted(set(received) - set(model_state))
+            raise ValueError(
+                f"federation.backend=batched: the global model carries {extra or 'fewer keys'} "
+                "(a pruned model's masks?), which batched clients do not train; use "
+                "federation.backend=local"
+            )
+        start = {n: received[n].to(device, model_state[n].dtype) for n in model_state}
+        pids = [self._pid(m) for m in messages]
+        rows = [table.client_rows(pid) for pid in pids]
+        states, plugins = [], []
+        for msg, pid in zip(messages, pids, strict=True):
+            state = current_state(
+                self.contexts[msg.metadata.dst_node_id].state, state_dir, pid, round_
+            )
+            active = build_plugins(cfg, "federated")  # FedProx's term at most (batched_support)
+            for plugin in active:
+                plugin.load_state_dict(state.plugins.get(plugin.name, {}))
+            states.append(state)
+            plugins.append(active)
+        x, y = self._data(table, device)
+        workers = self.workers if self.workers is not None else torch.get_num_threads()
+        result = train_clients(
+            template,
+            start,
+            x,
+            y,
+            rows,
+            cfg.train,
+            # "order-seed": another batch order with the same data (as the ClientApp reads it)
+            seed=int(conf.get("order-seed", cfg.seed)),
+            round_=round_,
+            mu=cfg.train.proximal_mu,
+            workers=workers,
+        )
+        share = (time.perf_counter() - t0) / len(messages)
+        replies = []
+        for k, (msg, pid) in enumerate(zip(messages, pids, strict=True)):
+            state = states[k]
+            state.round = round_
+            state.rounds_trained += 1
+            state.plugins = {plugin.name: plugin.state_dict() for plugin in plugins[k]}
+            state.to_context(self.contexts[msg.metadata.dst_node_id].state)
+            if state_dir is not None:
+                save_state(state_dir, pid, state, keep=int(conf.get("state-keep", 2)))
+            n = len(rows[k])
+            metrics = MetricRecord(
+                {
+                    "num-examples": n,
+                    "partition-id": pid,
+                    "train-loss": result.loss[k],
+                    "examples": result.examples[k],
+                    "steps": result.steps[k],
+                    "noisy-share": float(table.is_noisy[rows[k]].float().mean()) if n else 0.0,
+                    "rounds-trained": state.rounds_trained,
+                    "train-s": share,
+                    "unit-weight": 1,  # uniform aggregation for user-level DP-FedAvg
+                    **plugin_metrics(plugins[k]),
+                }
+            )
+            trained = result.weights(k)
+            weights = {name: trained[name].cpu() for name in model_state}
+            self._stamp(msg)
+            replies.append(
+                Message(
+                    RecordDict({"arrays": held_record(weights), "metrics": metrics}), reply_to=msg
+                )
+            )
+        return replies
+
+    @staticmethod
+    def _stamp(msg: Message) -> None:
+        """What LocalGrid sets on a message before it is delivered (its id, its time)."""
+        meta = msg.metadata.__dict__
+        meta["_message_id"] = str(uuid4())
+        meta["_created_at"] = time.time()
