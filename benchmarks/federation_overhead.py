@@ -112,7 +112,9 @@ Row = dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------
-def make_config(num_clients: int, rounds: int, cache_dir: Path, quick: bool) -> ExperimentConfig:
+def make_config(
+    num_clients: int, rounds: int, cache_dir: Path, quick: bool, backend: str = "ray"
+) -> ExperimentConfig:
     overrides = [
         f"federation.num_clients={num_clients}",
         "partition.kind=iid",
@@ -122,8 +124,8 @@ def make_config(num_clients: int, rounds: int, cache_dir: Path, quick: bool) -> 
         f"data.cache_dir={cache_dir}",
         "output.name=federation_overhead",
     ]
-    if "backend" in FederationConfig.model_fields:  # pin the Ray engine (a local one exists)
-        overrides.append("federation.backend=ray")
+    if "backend" in FederationConfig.model_fields:  # pin the engine (ray unless --backend)
+        overrides.append(f"federation.backend={backend}")
     if quick:
         overrides += ["data.mnist1d.num_samples=1000"]
     return config.load(REPO / "configs" / "default.yaml", overrides)
@@ -559,7 +561,7 @@ def steady_breakdown(
 # main
 # ---------------------------------------------------------------------------------------------
 def bench(num_clients: int, args: argparse.Namespace, console: Console) -> Row:
-    cfg = make_config(num_clients, args.rounds, args.cache_dir, args.quick)
+    cfg = make_config(num_clients, args.rounds, args.cache_dir, args.quick, args.backend)
     table = cached_table(cfg)
     ev = eval_time(table, cfg)
 
@@ -748,6 +750,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="torch threads of this process (evaluation in both paths; default 1)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("ray", "local", "batched"),
+        default="ray",
+        help="the federated engine measured against the floor (default ray; local and batched "
+        "run in this process: the Ray-specific columns stay empty). The three-way comparison "
+        "plain / local / batched with medians: benchmarks/batched_backend.py",
+    )
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "benchmarks")
     p.add_argument("--out", type=Path, default=None, help="JSON output file")
     args = p.parse_args(argv)
@@ -756,6 +766,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 3:
         p.error("--rounds must be >= 3 (round 1 is warm-up; throughput needs rounds 2..R)")
     suffix = "_quick" if args.quick else "_profile" if args.profile else ""
+    suffix += "" if args.backend == "ray" else f"_{args.backend}"
     args.out = args.out or RESULTS / f"federation_overhead{suffix}.json"
     return args
 

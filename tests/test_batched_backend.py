@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
 from fedmem import config
 from fedmem.errors import ConfigError
@@ -180,6 +180,28 @@ def test_each_client_equals_train_epochs_with_its_keyed_order(opt):
             torch.testing.assert_close(got[name], p.detach(), rtol=0, atol=2e-6)
 
 
+def test_chunks_and_worker_threads_change_nothing(monkeypatch):
+    """Clients split into chunks trained by two threads give the numbers of one chunk."""
+    import fedmem.federation.batched_train as batched_train
+
+    torch.manual_seed(1)
+    n, d, c = 200, 10, 3
+    x, y = torch.randn(n, d), torch.randint(0, c, (n,))
+    tcfg = config.TrainConfig(batch_size=8, momentum=0.9, lr=0.05)
+    template = build_model(config.ModelConfig(name="mlp", hidden=16, depth=1), (d,), c)
+    start = {k: v.detach() for k, v in template.named_parameters()}
+    rows = list(torch.randperm(n).split([3, 40, 17, 60, 25, 55]))
+    rows = [r.sort().values for r in rows]
+    one = train_clients(template, start, x, y, rows, tcfg, seed=0, round_=1)
+    monkeypatch.setattr(batched_train, "CHUNK", 2)
+    split = train_clients(template, start, x, y, rows, tcfg, seed=0, round_=1, workers=2)
+    assert len(split.chunks) == 3 and split.steps == one.steps
+    for k in range(len(rows)):
+        for name, t in one.weights(k).items():
+            torch.testing.assert_close(split.weights(k)[name], t, rtol=0, atol=1e-6)
+        assert math.isclose(split.loss[k], one.loss[k], rel_tol=1e-6)
+
+
 def test_held_arrays_hold_what_flower_arrays_hold():
     state = {"w": torch.randn(5, 3), "b": torch.randn(5), "s": torch.tensor(2.0)}
     record = held_record(state)
@@ -198,6 +220,10 @@ def test_held_arrays_hold_what_flower_arrays_hold():
         assert out.flags.writeable and np.array_equal(out, plain.numpy())
         out += 1  # a copy: the record does not change
         assert np.array_equal(held.numpy(), values)
+        assert ArrayRecord({name: held})[name] == plain  # Flower's copy reads data
+    replaced = held_record({"w": torch.zeros(2)})["w"]
+    replaced.data = Array(np.ones(3, dtype=np.float32)).data  # new bytes replace the values
+    assert np.array_equal(replaced.numpy(), np.ones(3, dtype=np.float32))
     assert npy_header(np.dtype("float32"), (5, 3)) == Array(state["w"].numpy()).data[:-60]
 
 

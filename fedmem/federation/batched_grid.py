@@ -45,25 +45,39 @@ from fedmem.models.factory import experiment_model
 
 
 class HeldArray(Array):
-    """An :class:`flwr.app.Array` made in memory: ``data`` holds exactly the bytes
-    ``Array(ndarray)`` would hold (``np.save`` format), and :meth:`numpy` returns a copy of the
-    values it was made from instead of parsing ``data`` again (the parse dominates the cost of
-    aggregating many small arrays)."""
+    """An :class:`flwr.app.Array` made in memory from an ndarray it keeps (not a copy: the
+    caller hands it over and does not change it). ``data`` is exactly the bytes
+    ``Array(ndarray)`` holds (``np.save`` format), made on first access (in one process nothing
+    reads it: messages are not serialized); :meth:`numpy` returns a copy of the values instead
+    of parsing ``data`` (the parse dominates the cost of aggregating many small arrays)."""
 
-    def __init__(self, values: np.ndarray, header: bytes):  # noqa: D107 (the fields as Array's)
+    def __init__(self, values: np.ndarray):  # noqa: D107 (the fields as Array's)
         if not values.flags.c_contiguous:
             values = values.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
-        # the four fields Array.__init__ sets, without its argument dispatch
+        # the fields Array.__init__ sets, without its argument dispatch; data comes on demand
         self.__dict__.update(
             dtype=str(values.dtype),
             shape=tuple(int(d) for d in values.shape),
             stype=SType.NUMPY,
-            data=b"".join((header, values.data)),
             _values=values,
         )
 
+    @property  # type: ignore[override]
+    def data(self) -> bytes:  # the np.save bytes of the values
+        d = self.__dict__
+        if "_data" not in d:
+            values = d["_values"]
+            d["_data"] = b"".join((npy_header(values.dtype, values.shape), values.data))
+        return d["_data"]
+
+    @data.setter
+    def data(self, value: bytes) -> None:  # new bytes replace the values
+        self.__dict__["_data"] = value
+        self.__dict__.pop("_values", None)
+
     def numpy(self) -> np.ndarray:
-        return self.__dict__["_values"].copy()
+        values = self.__dict__.get("_values")
+        return values.copy() if values is not None else super().numpy()
 
 
 _headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -85,8 +99,7 @@ def held_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     bytes), built from :class:`HeldArray` values."""
     record = ArrayRecord()
     for name, t in state.items():
-        values = t.detach().numpy()
-        record[name] = HeldArray(values, npy_header(values.dtype, values.shape))
+        record[name] = HeldArray(t.detach().numpy())
     return record
 
 
