@@ -97,8 +97,9 @@ def test_batched_equals_the_flower_path_for_every_supported_strategy(tmp_path, s
         ["train.weight_decay=0.01", "train.local_epochs=2", "train.batch_size=16"],
         ["train.optimizer=adam", "train.lr=0.002", "train.weight_decay=0.001"],
         ["model.name=cnn1d", "train.batch_size=32", "train.proximal_mu=0.05"],  # torch.func
+        ["privacy.user_level=true", "privacy.user_noise_multiplier=0.5"],  # DP-FedAvg server
     ],
-    ids=["plain-sgd", "decay-epochs", "adam", "cnn1d-prox"],
+    ids=["plain-sgd", "decay-epochs", "adam", "cnn1d-prox", "user-dp"],
 )
 def test_batched_equals_the_flower_path_for_optimizers_and_models(tmp_path, extra):
     reference = _run(tmp_path / "l", "local", *extra)
@@ -136,7 +137,12 @@ def test_the_cli_run_writes_the_same_metrics_as_the_local_backend(tmp_path):
     rows = {}
     for backend in ("local", "batched"):
         out = tmp_path / backend
-        args = [*small_overrides(out), f"federation.backend={backend}", "train.rounds=2"]
+        args = [
+            *small_overrides(out),
+            f"federation.backend={backend}",
+            "train.rounds=2",
+            "checkpoints.client_updates=true",  # the server keeps the replies' arrays
+        ]
         assert main(args) == 0
         (run_dir,) = (out / "runs").iterdir()
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
