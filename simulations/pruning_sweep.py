@@ -10,6 +10,14 @@ their true label, outliers, canaries), the share of training predictions pruning
 how over-represented mislabeled examples, outliers and canaries are among those (enrichment;
 the single-model version of pruning-identified exemplars).
 
+Then Hooker et al.'s population version (:mod:`fedmem.methods.pies`): ``POPULATION`` models
+per trainer (central SGD, and plain FedAvg over the run's clients when the run is federated)
+are trained from their own seeds by the batched ensemble trainer, each pruned one-shot by
+magnitude; rows ``<run> population`` give the pruned members' mean test accuracy, the share of
+pruning-identified exemplars (modal prediction changed) and their enrichment among
+mislabeled, outlier, canary and, when the run computed memorization scores
+(``analysis.memorization_scores``), the top-decile memorization-score rows (``high_mem``).
+
     python -m fedmem.simulate --recipe pruning_sweep [--config ...]
 """
 
@@ -36,7 +44,10 @@ COLUMNS = (
     "enrichment_mislabeled",
     "enrichment_outlier",
     "enrichment_canary",
+    "pie_share",
+    "enrichment_high_mem",
 )
+POPULATION = 16
 
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
@@ -62,7 +73,44 @@ def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[d
                         **{c: r.get(c) for c in COLUMNS},
                     }
                 )
+    for recipe in ["central", "fedavg"] if base.federation.enabled else ["central"]:
+        console.print(f"PIEs: {POPULATION} {recipe} models, each pruned one-shot by magnitude")
+        for r in population_rows(run, recipe):
+            rows.append({"run": f"{recipe} population", "method": "magnitude", **r})
     return rows
+
+
+def population_rows(run: Any, recipe: str) -> list[dict[str, Any]]:
+    """Hooker et al.'s pruning-identified exemplars over ``POPULATION`` models of ``recipe``
+    (``central`` or ``fedavg``) trained on all the run's training rows."""
+    import numpy as np
+    import torch
+
+    from fedmem.methods.pies import population_sweep
+    from fedmem.privacy.audit.shadows import train_central_shadows, train_fedavg_shadows
+    from fedmem.seeding import derive_seed
+
+    cfg, table = run.cfg, run.table
+    masks = torch.ones(POPULATION, len(table), dtype=torch.bool)
+    seed = derive_seed(cfg.seed, "pies", recipe)
+    kw = {"seed": seed, "num_classes": table.num_classes}
+    if recipe == "central":
+        shadows = train_central_shadows(cfg, table.x, table.y_obs, masks, **kw)
+    else:
+        shadows = train_fedavg_shadows(cfg, table.x, table.y_obs, table.client, masks, **kw)
+    models = [shadows.ensemble.model(k) for k in range(POPULATION)]
+    groups = {"mislabeled": table.is_noisy, "outlier": table.is_outlier, "canary": table.is_canary}
+    scores = run.rd.path / "memscores.npz"
+    if scores.is_file():
+        data = np.load(scores)
+        key = next((k for k in ("example/mem", "client/mem") if k in data), None)
+        if key is not None:
+            mem = torch.from_numpy(data[key]).float()
+            groups["high_mem"] = mem >= torch.nanquantile(mem, 0.9)
+    out = population_sweep(
+        models, table.x, groups, table.x_test, table.y_test, SPARSITIES, seed=seed
+    )
+    return [{**{c: r.get(c) for c in COLUMNS}, "sparsity": r["sparsity"]} for r in out]
 
 
 def plot(base: ExperimentConfig, rows: list[dict[str, Any]], out_dir: Any) -> list[Any]:

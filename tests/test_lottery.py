@@ -46,9 +46,11 @@ def test_rewinding_restores_the_round_k_weights_on_the_survivors(tmp_path):
 
 def test_imp_is_deterministic_and_keeps_masks(tmp_path):
     cfg, table, init, trained = _setup(tmp_path)
-    a = imp(cfg, table, trained, init, 0, levels=2)
-    b = imp(cfg, table, trained, init, 0, levels=2)
+    a, ticket_a = imp(cfg, table, trained, init, 0, levels=2)
+    b, ticket_b = imp(cfg, table, trained, init, 0, levels=2)
     assert a == b
+    sa, sb = ticket_a.state_dict(), ticket_b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [(r["level"], r["variant"]) for r in a] == [
         (lvl, v) for lvl in (1, 2) for v in ("ticket", "reinit", "random mask")
     ]
@@ -135,7 +137,7 @@ def test_federated_imp_and_order_seed(tmp_path):
 
     cfg, table, ticket, _ = _fed_setup(tmp_path)
     init = init_model(cfg, table).state_dict()
-    rows = imp(cfg, table, ticket.state_dict(), init, 0, levels=1, trainer="federated")
+    rows, _ = imp(cfg, table, ticket.state_dict(), init, 0, levels=1, trainer="federated")
     assert [(r["model"], r["variant"]) for r in rows] == [
         ("federated", v) for v in ("ticket", "reinit", "random mask")
     ]

@@ -152,3 +152,34 @@ def test_pruned_weights_stay_zero_through_dp_sgd_noise():
     assert dp.steps > 0
     for n, p in prunable(model).items():
         assert (p[~masks[n]] == 0).all()
+
+
+def test_pruning_identified_exemplars_follow_the_modal_predictions():
+    from fedmem.methods.pies import enrichment, modal_prediction, pie_mask
+
+    dense = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [1, 1, 0, 3]])
+    pruned = torch.tensor([[0, 2, 2, 1], [0, 2, 1, 1], [0, 1, 1, 3]])
+    assert modal_prediction(dense).tolist() == [0, 1, 2, 3]
+    assert modal_prediction(pruned).tolist() == [0, 2, 1, 1]
+    pies = pie_mask(dense, pruned)
+    assert pies.tolist() == [False, True, True, True]
+    groups = {"a": torch.tensor([False, True, False, False]), "b": torch.tensor([True] * 4)}
+    # P(a | PIE) = 1/3 over P(a) = 1/4; every example is in b
+    assert enrichment(pies, groups) == pytest.approx({"a": 4 / 3, "b": 1.0})
+    assert enrichment(torch.zeros(4, dtype=torch.bool), groups) == {"a": None, "b": None}
+
+
+def test_population_sweep_counts_pies_against_the_dense_population():
+    from fedmem.methods.pies import population_sweep
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(3)]
+    x, x_test = torch.randn(50, 5), torch.randn(20, 5)
+    y_test = torch.randint(0, 3, (20,))
+    groups = {"first half": torch.arange(50) < 25}
+    rows = population_sweep(models, x, groups, x_test, y_test, (0.0, 0.9))
+    assert rows[0]["pie_share"] == 0.0 and rows[0]["weights_remaining"] == 1.0
+    # 90% of the hidden weights, 45% of the output layer: 34 of 128 remain
+    assert rows[1]["weights_remaining"] == pytest.approx(34 / 128, abs=1 / 128)
+    assert rows[1]["pie_share"] > 0.0
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)

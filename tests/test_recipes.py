@@ -160,6 +160,7 @@ def test_pruning_sweep_recipe(tmp_path, monkeypatch):
     import simulations.pruning_sweep as recipe
 
     monkeypatch.setattr(recipe, "SPARSITIES", (0.0, 0.8))
+    monkeypatch.setattr(recipe, "POPULATION", 3)
     assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "pruning_sweep"]) == 0
     rows = _table(tmp_path, "pruning_sweep")
     assert [(r["run"], r["method"], r["sparsity"]) for r in rows] == [
@@ -167,7 +168,11 @@ def test_pruning_sweep_recipe(tmp_path, monkeypatch):
         for run in ("central", "federated")
         for method in ("magnitude", "random")
         for s in ("0.0", "0.8")
-    ]
+    ] + [(f"{p} population", "magnitude", s) for p in ("central", "fedavg") for s in ("0.0", "0.8")]
+    population = rows[-4:]
+    assert [r["pie_share"] for r in population if r["sparsity"] == "0.0"] == ["0.0", "0.0"]
+    assert all(0.0 < float(r["pie_share"]) < 1.0 for r in population if r["sparsity"] == "0.8")
+    rows = rows[:-4]
     dense = [r for r in rows if r["sparsity"] == "0.0"]
     assert {r["changed"] for r in dense} == {"0.0"} and {r["weights_remaining"] for r in dense} == {
         "1.0"
@@ -180,12 +185,14 @@ def test_pruning_sweep_recipe(tmp_path, monkeypatch):
 
 
 def test_lottery_recipe(tmp_path, monkeypatch):
+    """Central and federated tickets, registered as derived models and audited."""
     import simulations.lottery as recipe
 
     monkeypatch.setattr(recipe, "LEVELS", 1)
-    assert main([*small_overrides(tmp_path), *LOCAL, "--recipe", "lottery"]) == 0
+    audit = ["audit.pool=100", "audit.attack.shadows=4", "audit.attack.client_shadows=0"]
+    assert main([*small_overrides(tmp_path), *LOCAL, *audit, "--recipe", "lottery"]) == 0
     rows = _table(tmp_path, "lottery")
-    assert [(r["rewind_round"], r["variant"]) for r in rows] == [
+    per_model = [
         ("-", "dense"),
         ("0", "ticket"),
         ("0", "reinit"),
@@ -194,4 +201,22 @@ def test_lottery_recipe(tmp_path, monkeypatch):
         ("2", "reinit"),
         ("2", "random mask"),
     ]
-    assert all(0.75 < float(r["weights_remaining"]) < 0.85 for r in rows[1:])
+    assert [(r["model"], r["rewind_round"], r["variant"]) for r in rows] == [
+        (m, *v) for m in ("central", "federated") for v in per_model
+    ]
+    assert all(0.75 < float(r["weights_remaining"]) < 0.85 for r in rows if r["level"] != "0")
+    # the dense models and the two final tickets per model are audited; the others are not
+    audited = [(r["model"], r["variant"]) for r in rows if r["mia_auc"]]
+    assert audited == [
+        (m, v) for m in ("central", "federated") for v in ("dense",) + ("ticket",) * 2
+    ]
+    assert all(0.0 <= float(r["mia_auc"]) <= 1.0 for r in rows if r["mia_auc"])
+    (run_dir,) = (tmp_path / "runs").glob("default-lottery-*")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ticket = summary["models"]["federated-ticket-k2"]
+    assert ticket["parent"] == "federated@2" and ticket["method"] == "lottery"
+    assert set(json.loads((run_dir / "audit.json").read_text())["runs"]) == {
+        "central",
+        "federated",
+        *(f"{m}-ticket-k{k}" for m in ("central", "federated") for k in (0, 2)),
+    }

@@ -118,10 +118,11 @@ def imp(
     levels: int,
     fraction: float = 0.2,
     trainer: str = "central",
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], nn.Module]:
     """``levels`` rounds of prune-rewind-retrain from the ``trained`` weights (of the central
     model or the final global model: ``trainer``); every variant evaluated after retraining
-    (:func:`fedmem.observer.evaluate_logits`)."""
+    (:func:`fedmem.observer.evaluate_logits`). Returns the rows and the last level's ticket
+    (with its masks)."""
     train = RETRAIN[trainer]
     out: list[dict[str, Any]] = []
     current = experiment_model(cfg, table.input_shape, table.num_classes)
@@ -154,7 +155,7 @@ def imp(
             )
             if variant == "ticket":
                 current = model
-    return out
+    return out, current
 
 
 def _same_counts(masks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -203,3 +204,38 @@ def instability(
         "path_test_error": errors,
         "barrier": max(errors) - 0.5 * (errors[0] + errors[-1]),
     }
+
+
+def register_ticket(
+    run_dir: Any,
+    base: str,
+    rewind_round: int,
+    ticket: nn.Module,
+    row: dict[str, Any],
+    details: dict[str, Any],
+) -> str:
+    """Save ``ticket`` into the run directory and add it to the run's lineage as
+    ``<base>-ticket-k<rewind_round>`` (method ``lottery``, parent ``<base>@<k>``), so the
+    audit (``python -m fedmem.audit``) and the report see it beside the dense model."""
+    from dataclasses import replace
+
+    from fedmem.runs.checkpoints import save_atomic
+    from fedmem.runs.records import add_model, read_records
+    from fedmem.runs.rundir import RunDir
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    name = f"{base}-ticket-k{rewind_round}"
+    checkpoint = f"checkpoints/{name}.pt"
+    save_atomic({k: v.detach().cpu() for k, v in ticket.state_dict().items()}, rd.path / checkpoint)
+    parent = read_records(rd.read_summary(), rd.read_config())[base]
+    record = replace(
+        parent,
+        name=name,
+        checkpoint=checkpoint,
+        parent=f"{base}@{rewind_round}",
+        method="lottery",
+        details={**details, "rewind_round": rewind_round},
+    )
+    keys = ("test_acc", "train_acc_clean", "noisy_memorized", "noisy_true_acc", "canary_acc")
+    add_model(rd, record, {"rounds": parent.rounds, **{k: row.get(k) for k in keys}})
+    return name

@@ -159,13 +159,18 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
         "runs": {},
     }
     plots_made: dict[str, str] = {}
+    # shadows depend on the recipe only (seeded by it): models of one recipe share them
+    record_shadows: dict[str, tuple[ShadowModels, torch.Tensor]] = {}
+    client_shadows: dict[str, tuple[ShadowModels, ShadowData, torch.Tensor]] = {}
     for name in run.runs:
         model = load_model(run, name, device)
         shadows = cand = None
         record = run.records[name]
         recipe = shadow_recipe(record)
         if needs_shadows:
-            shadows, cand = train_shadows(run, recipe, console)
+            if recipe not in record_shadows:
+                record_shadows[recipe] = train_shadows(run, recipe, console)
+            shadows, cand = record_shadows[recipe]
             result["shadows"][name] = {
                 "recipe": recipe,
                 "models": len(shadows),
@@ -174,7 +179,9 @@ def run_audit(run: AuditedRun, console: Console, force: bool = False) -> dict[st
             }
         client_sh = None
         if "client_membership" not in missing and cfg.audit.attack.client_shadows > 0:
-            client_sh = train_client_shadows(run, recipe, console)
+            if recipe not in client_shadows:
+                client_shadows[recipe] = train_client_shadows(run, recipe, console)
+            client_sh = client_shadows[recipe]
             result["client_shadows"][name] = {
                 "recipe": recipe,
                 "models": len(client_sh[0]),
