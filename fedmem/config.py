@@ -220,11 +220,28 @@ class PartitionConfig(_Section):
     )
 
 
+class TiedDropoutConfig(_Section):
+    """Example-tied dropout (Maini et al. 2023, Sec. 5) and its baselines on the hidden units
+    (MLP) / channels (cnn1d, cnn): :mod:`fedmem.models.tied_dropout`."""
+
+    kind: Literal["none", "example", "client", "standard", "fixed"] = Field(
+        "none",
+        description="none; example / client: memorization units tied to the example / client "
+        "id; standard: ordinary dropout at the same keep share; fixed: a fixed sparse network "
+        "of the same size",
+    )
+    p_gen: float = Field(0.4, gt=0.0, lt=1.0, description="share of units always on")
+    p_mem: float = Field(
+        0.1, gt=0.0, le=1.0, description="keep probability of each memorization unit"
+    )
+
+
 class ModelConfig(_Section):
     name: Literal[MODELS] = Field("mlp", description="model: " + ", ".join(MODELS))  # type: ignore[valid-type]
     hidden: int = Field(256, ge=1, description="mlp: width of the hidden layers")
     depth: int = Field(2, ge=1, description="mlp: number of hidden layers")
     channels: int = Field(32, ge=1, description="cnn / cnn1d / resnet9: base channel count")
+    dropout: TiedDropoutConfig = TiedDropoutConfig()
 
 
 class TrainConfig(_Section):

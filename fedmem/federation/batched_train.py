@@ -19,18 +19,19 @@ another. Clients are sorted by step count (descending), so at step s the clients
 training are a prefix of the stack, and every update runs on prefix views ``t[:a]``: a client
 whose steps are done is not touched again (no weight decay, no momentum or Adam update).
 
-Kernels: the MLP uses batched matrix products (:func:`fedmem.ensemble.kernels._mlp_forward`,
-a hand-written backward); with plain SGD the update is fused into the gradient's product,
-``W <- W - lr * g^T a`` (``baddbmm_``, after the input gradient was taken with the old ``W``),
-and the first step, where all clients still hold the global weights, runs as single matrix
-products over all clients' rows. Other models use ``torch.func``
-(:class:`fedmem.ensemble.kernels._VmapKernel`); BatchNorm is not supported. Results equal
-per-client training up to float rounding (products of other shapes round differently).
+Kernels (:mod:`fedmem.federation.batched_kernels`): the MLP uses batched matrix products
+(:func:`fedmem.ensemble.kernels._mlp_forward`, a hand-written backward); with plain SGD the
+update is fused into the gradient's product, ``W <- W - lr * g^T a`` (``baddbmm_``, after the
+input gradient was taken with the old ``W``), and the first step, where all clients still
+hold the global weights, runs as single matrix products over all clients' rows. Other models
+use ``torch.func`` (:class:`fedmem.ensemble.kernels._VmapKernel`); BatchNorm is not supported.
+Results equal per-client training up to float rounding (other product shapes round otherwise).
 
 CPU: clients are trained in chunks of :data:`CHUNK` (a chunk's weights stay in cache for all
-its steps), spread over ``workers`` Python threads with one torch thread each (the batched
-products release the GIL; see :mod:`fedmem.ensemble`). A chunk's numbers do not depend on the
-other chunks, nor on ``workers``. GPU: one chunk of all clients.
+its steps), spread over ``workers`` Python threads with one torch thread each, also when
+``workers`` is 1 (the batched products release the GIL; on a busy machine OpenMP threads wait
+on each other, see :mod:`fedmem.ensemble`). A chunk's numbers depend neither on the other
+chunks nor on ``workers`` or torch's thread count. GPU: one chunk of all clients.
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ import torch
 from torch import nn
 
 from fedmem.config import TrainConfig
-from fedmem.ensemble.kernels import _mlp_forward, _mlp_layers, _VmapKernel
+from fedmem.ensemble.kernels import _mlp_layers, _VmapKernel
+from fedmem.federation.batched_kernels import (
+    PrefixOptimizer,
+    Tensors,
+    generic_step,
+    mlp_first_step,
+    mlp_sgd_step,
+)
 from fedmem.seeding import torch_gen
 
 CHUNK = 16  # clients trained in lock-step on CPU (their weights stay in cache)
-_ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as make_optimizer uses them
-_ADAM_EPS = 1e-8
-
-Tensors = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,27 @@ def train_clients(
     ``x``/``y``: the whole table's inputs and observed labels on the training device.
     ``mu``: FedProx's proximal coefficient (0: off). See the module docstring.
     """
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu":  # one torch thread per worker (fedmem.ensemble: no OpenMP waits)
+        torch.set_num_threads(1)
+    try:
+        return _train_clients(template, start, x, y, client_rows, cfg, seed, round_, mu, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_clients(
+    template: nn.Module,
+    start: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    client_rows: Sequence[torch.Tensor],
+    cfg: TrainConfig,
+    seed: int,
+    round_: int,
+    mu: float,
+    workers: int,
+) -> StackedResult:
     _check_supported(template)
     idx, count = batch_plan(seed, round_, client_rows, len(y), cfg.batch_size, cfg.local_epochs)
     steps = (count > 0).sum(1)
@@ -140,14 +165,9 @@ def train_clients(
     workers = 1 if device.type != "cpu" else max(1, min(workers, len(chunks)))
     if workers == 1:
         parts = [run(c) for c in chunks]
-    else:  # one torch thread per worker (see fedmem.ensemble: no OpenMP barriers)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                parts = list(pool.map(run, chunks))
-        finally:
-            torch.set_num_threads(threads)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(run, chunks))
     where = [(0, 0)] * len(order)
     for c, chunk in enumerate(chunks):
         for i, k in enumerate(chunk):
@@ -197,7 +217,7 @@ def _train_chunk(
     params: Tensors = {}
     if not shared:
         params = {n: t.unsqueeze(0).repeat(k_total, *([1] * t.dim())) for n, t in start.items()}
-    opt = _PrefixOptimizer(cfg, None if shared else params)
+    opt = PrefixOptimizer(cfg, None if shared else params)
     for s in range(n_steps):
         a = active[s]
         p = {n: t[:a] for n, t in params.items()}
@@ -208,185 +228,13 @@ def _train_chunk(
         xb, yb = x[rows], y[rows]
         with torch.no_grad():
             if shared and s == 0:
-                params, ce = _mlp_first_step(start, opt, layers, xb, yb, wb)  # type: ignore[arg-type]
+                params, ce = mlp_first_step(start, opt, layers, xb, yb, wb)  # type: ignore[arg-type]
             elif fused:
-                ce = _mlp_sgd_step(p, opt, start, layers, xb, yb, wb, mu, a)  # type: ignore[arg-type]
+                ce = mlp_sgd_step(p, opt, start, layers, xb, yb, wb, mu, a)  # type: ignore[arg-type]
             else:
-                ce = _generic_step(p, opt, start, layers, kernel, xb, yb, wb, mu, a, s)
+                ce = generic_step(p, opt, start, layers, kernel, xb, yb, wb, mu, a, s)
             total[:a] += torch.where(valid, ce, 0.0).sum(1)
     return params, total
-
-
-def _mlp_first_step(
-    start: Tensors,
-    opt: _PrefixOptimizer,
-    layers: list[str],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    wb: torch.Tensor,
-) -> tuple[Tensors, torch.Tensor]:
-    """The first SGD step of K MLPs that all start from ``start``: forward and input gradients
-    as single matrix products over all K x B rows; the updated weights become the stack (and
-    the gradients the momentum buffers). Returns the stacked weights and the CE (K, B)."""
-    cfg = opt.cfg
-    k, b_size = xb.shape[:2]
-    h = xb.flatten(2)
-    acts = []
-    for i, name in enumerate(layers):
-        acts.append(h)
-        w, b = start[f"{name}.weight"], start[f"{name}.bias"]
-        h = torch.addmm(b, h.reshape(k * b_size, -1), w.t()).view(k, b_size, -1)
-        if i < len(layers) - 1:
-            h = h.relu_()
-    ce, g = _ce_grad(h, yb, wb)
-    params: Tensors = {}
-    bufs: Tensors = {}
-    for i in range(len(layers) - 1, -1, -1):
-        name, h = layers[i], acts[i]
-        w, b = f"{name}.weight", f"{name}.bias"
-        g_in = None
-        if i > 0:
-            back = torch.mm(g.reshape(k * b_size, -1), start[w]).view(k, b_size, -1)
-            g_in = torch.ops.aten.threshold_backward(back, h, 0)
-        if cfg.momentum == 0:
-            w0 = start[w].unsqueeze(0).expand(k, -1, -1)
-            params[w] = torch.baddbmm(w0, g.transpose(1, 2), h, alpha=-cfg.lr)
-            params[b] = torch.add(start[b], g.sum(1), alpha=-cfg.lr)
-        else:  # torch.optim.SGD starts the buffer at the first gradient
-            bufs[w], bufs[b] = torch.bmm(g.transpose(1, 2), h), g.sum(1)
-            params[w] = torch.add(start[w], bufs[w], alpha=-cfg.lr)
-            params[b] = torch.add(start[b], bufs[b], alpha=-cfg.lr)
-        if g_in is not None:
-            g = g_in
-    if bufs:
-        opt.state["buf"] = {n: bufs[n] for n in start}
-    return {n: params[n] for n in start}, ce
-
-
-def _ce_grad(logits: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor):
-    """Cross-entropy per example (K, B) and d(sum_j wb_j CE_j)/dlogits."""
-    logp = torch.log_softmax(logits, dim=-1)
-    ce = -logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1)
-    g = logp.exp_()
-    g.scatter_add_(-1, yb.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
-    return ce, g.mul_(wb.unsqueeze(-1))
-
-
-def _mlp_sgd_step(
-    p: Tensors,
-    opt: _PrefixOptimizer,
-    start: Tensors,
-    layers: list[str],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    wb: torch.Tensor,
-    mu: float,
-    a: int,
-) -> torch.Tensor:
-    """One SGD step of the stacked MLPs ``p`` (in place), layer by layer from the output:
-    the input gradient with the old weights, then the weights' update."""
-    cfg = opt.cfg
-    plain = cfg.momentum == 0 and cfg.weight_decay == 0 and mu == 0
-    logits, acts = _mlp_forward(p, layers, xb.flatten(2), keep=True)
-    ce, g = _ce_grad(logits, yb, wb)
-    for i in range(len(layers) - 1, -1, -1):
-        name, h = layers[i], acts[i]
-        w, b = f"{name}.weight", f"{name}.bias"
-        g_in = None
-        if i > 0:
-            g_in = torch.ops.aten.threshold_backward(torch.bmm(g, p[w]), h, 0)
-        if plain:
-            p[w].baddbmm_(g.transpose(1, 2), h, alpha=-cfg.lr)
-            p[b].add_(g.sum(1), alpha=-cfg.lr)
-        elif cfg.momentum != 0 and cfg.weight_decay == 0 and mu == 0:
-            buf = opt.state["buf"]
-            buf[w][:a].baddbmm_(g.transpose(1, 2), h, beta=cfg.momentum)
-            buf[b][:a].mul_(cfg.momentum).add_(g.sum(1))
-            p[w].add_(buf[w][:a], alpha=-cfg.lr)
-            p[b].add_(buf[b][:a], alpha=-cfg.lr)
-        else:
-            grads = {w: torch.bmm(g.transpose(1, 2), h), b: g.sum(1)}
-            opt.update({w: p[w], b: p[b]}, _with_proximal(grads, p, start, mu), a, 0)
-        if g_in is not None:
-            g = g_in
-    return ce
-
-
-def _generic_step(
-    p: Tensors,
-    opt: _PrefixOptimizer,
-    start: Tensors,
-    layers: list[str] | None,
-    kernel: _VmapKernel | None,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    wb: torch.Tensor,
-    mu: float,
-    a: int,
-    step: int,
-) -> torch.Tensor:
-    """Gradients of every model (batched MLP backward or torch.func), then the update."""
-    if layers is not None:
-        logits, acts = _mlp_forward(p, layers, xb.flatten(2), keep=True)
-        ce, g = _ce_grad(logits, yb, wb)
-        grads: Tensors = {}
-        for i in range(len(layers) - 1, -1, -1):
-            name, h = layers[i], acts[i]
-            grads[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), h)
-            grads[f"{name}.bias"] = g.sum(1)
-            if i > 0:
-                g = torch.ops.aten.threshold_backward(torch.bmm(g, p[f"{name}.weight"]), h, 0)
-    else:
-        with torch.enable_grad():
-            grads, ce = kernel.grads(p, xb, yb, wb)  # type: ignore[union-attr]
-    opt.update(p, _with_proximal(grads, p, start, mu), a, step)
-    return ce
-
-
-def _with_proximal(grads: Tensors, p: Tensors, start: Tensors, mu: float) -> Tensors:
-    """FedProx: the gradient of ``(mu / 2) ||w - w_global||^2`` added (as autograd sums it)."""
-    if mu == 0:
-        return grads
-    return {n: g.add(p[n] - start[n], alpha=mu) for n, g in grads.items()}
-
-
-class _PrefixOptimizer:
-    """A fresh SGD / Adam per client, updating the clients ``[0, a)`` of the stack."""
-
-    def __init__(self, cfg: TrainConfig, params: Tensors | None):
-        """Zero state for the stacked ``params`` (None: the first step sets the state)."""
-        if cfg.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}")
-        self.cfg = cfg
-        self.state: dict[str, Tensors] = {}
-        if params is None:
-            return
-        if cfg.optimizer == "sgd" and cfg.momentum != 0:
-            self.state["buf"] = {n: torch.zeros_like(t) for n, t in params.items()}
-        if cfg.optimizer == "adam":
-            self.state["m"] = {n: torch.zeros_like(t) for n, t in params.items()}
-            self.state["v"] = {n: torch.zeros_like(t) for n, t in params.items()}
-
-    def update(self, params: Tensors, grads: Tensors, a: int, step: int) -> None:
-        """``torch.optim.SGD`` / ``Adam``'s step for the models ``params`` (prefix views of
-        ``a`` clients); ``step`` counts the steps taken before (the same for all of them)."""
-        cfg = self.cfg
-        for n, p in params.items():
-            g = grads[n]
-            if cfg.weight_decay != 0:
-                g = g.add(p, alpha=cfg.weight_decay)
-            if cfg.optimizer == "sgd":
-                if cfg.momentum != 0:
-                    g = self.state["buf"][n][:a].mul_(cfg.momentum).add_(g)
-                p.add_(g, alpha=-cfg.lr)
-                continue
-            beta1, beta2 = _ADAM_BETAS
-            t = step + 1
-            m, v = self.state["m"][n][:a], self.state["v"][n][:a]
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(_ADAM_EPS)
-            p.addcdiv_(m, denom, value=-cfg.lr / (1 - beta1**t))
 
 
 __all__ = ["CHUNK", "StackedResult", "batch_plan", "train_clients"]
