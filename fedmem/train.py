@@ -166,6 +166,8 @@ def _train(
             idx_dev = idx.to(x.device)
             xb, yb = x[idx_dev], y[idx_dev]
             bctx = BatchContext(ctx, epoch, steps, rows[idx]) if plugins else None
+            for plugin in plugins:
+                plugin.begin_batch(bctx, model)  # type: ignore[arg-type]
             logits = model(xb)
             ce = F.cross_entropy(logits, yb)
             loss = ce
@@ -239,6 +241,8 @@ def _train_dp(
                 continue
             idx_dev = idx.to(x.device)
             xb, yb = x[idx_dev], y[idx_dev]
+            for plugin in plugins:
+                plugin.begin_batch(bctx, model)
             logits = private.forward(xb)
             ce = F.cross_entropy(logits, yb, reduction="none")
             loss = ce

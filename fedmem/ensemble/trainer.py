@@ -56,6 +56,15 @@ def ensemble_order(
     return torch.argsort(keys[rows.cpu()], stable=True)
 
 
+def plain_model(model_cfg: ModelConfig) -> ModelConfig:
+    """``model_cfg`` without tied dropout (``model.dropout``): the ensemble trains the plain
+    architecture (same parameter names and init), so the audit lists the dropout as not
+    simulated rather than failing."""
+    if model_cfg.dropout.kind == "none":
+        return model_cfg
+    return model_cfg.model_copy(update={"dropout": type(model_cfg.dropout)()})
+
+
 def member_init_state(
     model_cfg: ModelConfig,
     input_shape: tuple[int, ...],
@@ -66,7 +75,7 @@ def member_init_state(
     """Model ``k``'s initial state: built under the seed ``(seed, "ensemble-init", k)``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "ensemble-init", k))
-        return build_model(model_cfg, input_shape, num_classes).state_dict()
+        return build_model(plain_model(model_cfg), input_shape, num_classes).state_dict()
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -183,6 +192,7 @@ def train_ensemble(
     descheduled: on a busy 2-core machine two OpenMP threads made training several times
     slower than one, while two workers degrade gracefully to one core's speed.
     """
+    model_cfg = plain_model(model_cfg)
     masks = masks.to(torch.bool)
     if masks.dim() != 2 or masks.shape[1] != len(y) or len(x) != len(y):
         raise ValueError(

@@ -13,6 +13,8 @@ Hooks, in call order (override only what you need; pfl-research's callbacks and 
 strategy classes are the models):
 
 ``begin_round``  may wrap or replace the model / optimizer (e.g. snapshot the global weights)
+``begin_batch``  before the forward pass of every step (hand the batch's example ids to the
+                 model: example-tied dropout)
 ``penalty``      a data-independent loss term (FedProx's proximal term, L2 to a reference).
                  With record-level DP it costs no privacy: its gradient is added after the
                  noise (:meth:`Plugin.penalty_grad_`), never clipped.
@@ -88,6 +90,10 @@ class Plugin:
         self, ctx: RoundContext, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         return model, optimizer
+
+    def begin_batch(self, ctx: BatchContext, model: nn.Module) -> None:
+        """Before the step's forward pass (the batch's table rows are ``ctx.rows``)."""
+        return None
 
     def penalty(self, ctx: BatchContext, model: nn.Module) -> torch.Tensor | None:
         """A loss term that depends on the weights only (no example), or None."""

@@ -16,11 +16,12 @@ from fedmem.errors import ConfigError
 from fedmem.methods.base import Plugin
 from fedmem.methods.elr import ELR
 from fedmem.methods.proximal import Proximal
+from fedmem.methods.tied_dropout import TiedDropoutPlugin
 
 if TYPE_CHECKING:
     from fedmem.config import ExperimentConfig
 
-BUILTIN: tuple[type[Plugin], ...] = (Proximal, ELR)
+BUILTIN: tuple[type[Plugin], ...] = (Proximal, ELR, TiedDropoutPlugin)
 RUNS = ("central", "federated")
 
 

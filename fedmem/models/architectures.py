@@ -4,6 +4,9 @@
 - ``cnn1d``: three strided 1-D convolutions (the MNIST-1D baseline CNN, Greydanus 2020).
 - ``cnn``: two conv/pool blocks and a classifier, for (C, H, W) images (28x28, 32x32, 8x8).
 - ``resnet9``: the Myrtle.ai / Page (2018) ResNet-9 for CIFAR, with BatchNorm.
+
+``model.dropout`` (mlp, cnn1d, cnn) replaces each hidden ReLU by a
+:class:`~fedmem.models.tied_dropout.TiedDropout` (same parameter names as the plain model).
 """
 
 from __future__ import annotations
@@ -16,14 +19,22 @@ from torch import nn
 from fedmem.config import ModelConfig
 from fedmem.errors import ConfigError
 
+Act = Callable[[int], nn.Module]  # the activation of hidden layer i (0, 1, ...)
+
+
+def _relu(_layer: int) -> nn.Module:
+    return nn.ReLU()
+
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int):
+    def __init__(
+        self, in_features: int, hidden: int, depth: int, num_classes: int, act: Act = _relu
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
+        for i in range(depth):
+            layers += [nn.Linear(width, hidden), act(i)]
             width = hidden
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
@@ -33,16 +44,18 @@ class MLP(nn.Module):
 
 
 class CNN1d(nn.Module):
-    def __init__(self, in_channels: int, length: int, channels: int, num_classes: int):
+    def __init__(
+        self, in_channels: int, length: int, channels: int, num_classes: int, act: Act = _relu
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.features = nn.Sequential(
             nn.Conv1d(in_channels, channels, 5, stride=2, padding=2),
-            nn.ReLU(),
+            act(0),
             nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(),
+            act(1),
             nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(),
+            act(2),
             nn.Flatten(),
         )
         out_len = length
@@ -56,21 +69,23 @@ class CNN1d(nn.Module):
 
 
 class CNN(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], channels: int, num_classes: int):
+    def __init__(
+        self, input_shape: tuple[int, int, int], channels: int, num_classes: int, act: Act = _relu
+    ):
         super().__init__()
         c, h, w = input_shape
         self.features = nn.Sequential(
             nn.Conv2d(c, channels, 3, padding=1),
-            nn.ReLU(),
+            act(0),
             nn.MaxPool2d(2),
             nn.Conv2d(channels, 2 * channels, 3, padding=1),
-            nn.ReLU(),
+            act(1),
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(2 * channels * (h // 4) * (w // 4), 128),
-            nn.ReLU(),
+            act(2),
             nn.Linear(128, num_classes),
         )
 
@@ -125,8 +140,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
+def _act(cfg: ModelConfig) -> Act:
+    """Plain ReLUs, or ReLUs with the configured tied dropout (hidden layer ``i`` is its
+    ``layer``)."""
+    d = cfg.dropout
+    if d.kind == "none":
+        return _relu
+    from fedmem.models.tied_dropout import TiedDropout
+
+    return lambda layer: TiedDropout(d.kind, d.p_gen, d.p_mem, layer)
+
+
 def _mlp(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
-    return MLP(_numel(shape), cfg.hidden, cfg.depth, classes)
+    return MLP(_numel(shape), cfg.hidden, cfg.depth, classes, _act(cfg))
 
 
 def _cnn1d(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -136,7 +162,7 @@ def _cnn1d(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
             "use cnn or resnet9 for images"
         )
     in_ch, length = (1, shape[0]) if len(shape) == 1 else shape
-    return CNN1d(in_ch, length, cfg.channels, classes)
+    return CNN1d(in_ch, length, cfg.channels, classes, _act(cfg))
 
 
 def _image(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
@@ -152,11 +178,13 @@ def _cnn(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
     c, h, w = _image(shape, "cnn")
     if h < 4 or w < 4:
         raise ConfigError(f"model.name=cnn needs images of at least 4x4, got {h}x{w}")
-    return CNN((c, h, w), cfg.channels, classes)
+    return CNN((c, h, w), cfg.channels, classes, _act(cfg))
 
 
 def _resnet9(cfg: ModelConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
     c, h, w = _image(shape, "resnet9")
+    if cfg.dropout.kind != "none":
+        raise ConfigError("model.dropout: not available for resnet9; use mlp, cnn1d or cnn")
     if h < 8 or w < 8:
         raise ConfigError(f"model.name=resnet9 needs images of at least 8x8, got {h}x{w}")
     return ResNet9(c, cfg.channels, classes)
