@@ -146,3 +146,37 @@ def test_central_and_federated_runs_train_with_tied_dropout(tmp_path, kind):
     for run in ("central", "federated"):
         assert 0.1 < summary["runs"][run]["test_acc"] <= 1.0
         assert "tied_dropout" in summary["models"][run]["plugins"]
+
+
+def test_mode_rows_and_client_forgetting_on_a_trained_client_tied_model(tmp_path):
+    from fedmem import config
+    from fedmem.data.table import cached_table
+    from fedmem.methods.tied_dropout_eval import client_forgetting, mode_rows
+    from fedmem.models.factory import init_model
+    from fedmem.train import keyed_order, train_epochs
+    from tests.conftest import REPO, small_overrides
+
+    cfg = config.load(
+        REPO / "configs" / "default.yaml", [*small_overrides(tmp_path), "model.dropout.kind=client"]
+    )
+    table = cached_table(cfg)
+    model = init_model(cfg, table)
+    plugin = TiedDropoutPlugin.from_config(cfg, "central")
+    ctx = RoundContext("central", 1, None, table.ids, len(table))
+    order = keyed_order(0, 1, table.ids, len(table))
+    train_epochs(
+        model, table.x, table.y_obs, cfg.train, order, rows=table.ids, plugins=[plugin], context=ctx
+    )
+    rows = mode_rows(model, table)
+    assert [r["mode"] for r in rows] == ["all", "drop"]
+    assert rows[0]["test_acc"] != rows[1]["test_acc"]
+    forget = client_forgetting(model, table, client=1)
+    assert [(r["state"], r["group"]) for r in forget] == [
+        (s, g)
+        for s in ("all units", "client's units off")
+        for g in ("forgotten client", "other clients")
+    ]
+    assert all(0.0 <= r["mia_auc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0 for r in forget)
+    # switching off client 1's units changes its losses
+    assert forget[0]["mia_auc"] != forget[2]["mia_auc"]
+    assert tied_modules(model)[0].mode == "drop" and tied_modules(model)[0].drop_keys is None
