@@ -242,6 +242,7 @@ def test_held_arrays_hold_what_flower_arrays_hold():
         (["federation.strategy=krum"], "federation.strategy"),
         (["privacy.record_level=true", "privacy.noise_multiplier=1.0"], "privacy.record_level"),
         (["model.name=resnet9"], "model.name"),
+        (["model.dropout.kind=example"], "model.dropout.kind"),
         (["plugins.elr.enabled=true"], "plugins.elr.enabled"),
         (["plugins.external=[tests.plugins:InterruptFederatedOnce]"], "plugins.external"),
     ],

@@ -182,6 +182,9 @@ class BatchedGrid(LocalGrid):
                 self.contexts[msg.metadata.dst_node_id].state, state_dir, pid, round_
             )
             active = build_plugins(cfg, "federated")  # FedProx's term at most (batched_support)
+            other = sorted({p.name for p in active} - {"proximal"})
+            if other:  # a guard: batched_support refuses such configs
+                raise ValueError(f"federation.backend=batched: cannot train plug-ins {other}")
             for plugin in active:
                 plugin.load_state_dict(state.plugins.get(plugin.name, {}))
             states.append(state)

@@ -42,6 +42,12 @@ def unsupported(cfg: ExperimentConfig) -> tuple[str, str] | None:
             f"{cfg.model.name} (BatchNorm) is not supported by federation.backend=batched; use "
             f"one of {', '.join(MODELS)} {_USE_LOCAL}",
         )
+    if cfg.model.dropout.kind != "none":
+        return (
+            "model.dropout.kind",
+            f"{cfg.model.dropout.kind} dropout is not supported by federation.backend=batched; "
+            f"set model.dropout.kind=none {_USE_LOCAL}",
+        )
     elr = cfg.plugins.elr
     if elr.enabled and elr.runs in ("both", "federated"):
         return (

@@ -184,9 +184,13 @@ def _train_clients(
     )
 
 
+# the layers the kernels know (the MLP's bmm backward assumes Linear + ReLU exactly)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d)
+
+
 def _check_supported(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+        if not isinstance(m, (*_LAYERS, nn.Sequential)) and m is not model:
             raise ValueError(f"batched training: {type(m).__name__} ({name}) is not supported")
     if any(True for _ in model.buffers()):
         raise ValueError("batched training: models with buffers are not supported")
