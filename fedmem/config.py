@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -259,8 +259,11 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "cpu", description="auto picks cuda when available"
     )
-    threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads for the central run (default: torch's)"
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="torch threads of the central training loop: auto = 1 for mlp / cnn1d "
+        "(parallel runs never collapse into OpenMP waits), torch's default for cnn / resnet9; "
+        "null = torch's default (clients: federation.client_resources.num_cpus)",
     )
     on_divergence: Literal["stop", "continue"] = Field(
         "stop",

@@ -19,7 +19,7 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import pytest
@@ -164,6 +164,20 @@ def invalid_values(field: FieldInfo) -> st.SearchStrategy:
                 st.booleans(), WORDS, NON_FINITE, FRACTIONS, WORD_DICTS, bad_list, none
             )
         return st.one_of(WORDS, NUMBERS, st.booleans(), WORD_DICTS, bad_list, none)
+    if Literal in origins and Annotated in origins:  # a bounded int or a word (threads: auto)
+        words = {a for m in members if get_origin(m) is Literal for a in get_args(m)}
+        (number,) = [m for m in members if get_origin(m) is Annotated]
+        bounds = [b for m in get_args(number)[1:] for b in getattr(m, "metadata", [m])]
+        return st.one_of(
+            st.booleans(),
+            WORDS.filter(lambda w: w not in words),
+            NON_FINITE,
+            FRACTIONS,
+            LISTS,
+            WORD_DICTS,
+            *_out_of_range(int, bounds),
+            none,
+        )
     (scalar,) = members
     return st.one_of(invalid_scalar(scalar, field.metadata), none)
 

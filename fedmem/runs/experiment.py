@@ -27,7 +27,7 @@ from fedmem.reporting.report import render_report
 from fedmem.reporting.tables import summarize_rows
 from fedmem.runs.central import central_matching, run_central
 from fedmem.runs.checkpoints import KeepPolicy, ModelCheckpoints, UpdateLog
-from fedmem.runs.devices import check_devices
+from fedmem.runs.devices import check_devices, training_threads
 from fedmem.runs.lock import RunLock
 from fedmem.runs.records import experiment_records
 from fedmem.runs.rundir import RunDir, check_output_dir
@@ -80,8 +80,8 @@ def run_experiment(
     cfg: ExperimentConfig, table: ExampleTable, rd: RunDir, console: Console
 ) -> dict:
     """Run every part of the experiment into ``rd`` and return summary.json's content."""
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(cfg, before))  # the training loops only
     models = ["central"] + (["federated"] if cfg.federation.enabled else [])
     policy = keep_policy(cfg)
     ckpts = {m: ModelCheckpoints(rd.path, m, policy) for m in models}
@@ -157,6 +157,7 @@ def run_experiment(
                     "ray_start_s": round(eng.ray_start_s, 3),
                     "federated_simulation_s": round(eng.simulation_s, 3),
                 }
+    torch.set_num_threads(before)
     rows = rd.read_metrics()
     if cfg.federation.enabled:
         check_rounds_lost(rd, [r for r in rows if r["run"] == "federated"], ckpts["federated"])
