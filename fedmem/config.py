@@ -316,6 +316,11 @@ class FederationConfig(_Section):
         "in-process, all clients of a round trained at once as stacked models (FedAvg family)",
     )
     ray_address: str | None = Field(None, description="join an existing Ray cluster (e.g. auto)")
+    excluded_clients: list[int] = Field(
+        default_factory=list,
+        description="clients that never train (dropped from every round's sample; the central "
+        "run leaves their rows out too): the reference of unlearning, retraining without them",
+    )
 
 
 class GradientGeometryConfig(_Section):
@@ -540,6 +545,12 @@ class ExperimentConfig(_Section):
             raise _KeyedError(
                 "federation.min_train_clients",
                 f"{self.federation.min_train_clients} exceeds federation.num_clients={n}",
+            )
+        gone = self.federation.excluded_clients
+        if any(c < 0 or c >= n for c in gone) or len(set(gone)) != len(gone) or len(gone) >= n:
+            raise _KeyedError(
+                "federation.excluded_clients",
+                f"{gone}: distinct client ids in 0..{n - 1}, fewer than all {n} clients",
             )
         if self.partition.kind == "shards" and self.partition.classes_per_client < 1:
             raise _KeyedError("partition.classes_per_client", "must be >= 1")

@@ -163,6 +163,7 @@ def build_strategy(cfg: ExperimentConfig) -> tuple[Any, PartitionSampled]:
         num_clients=fed.num_clients,
         fraction_train=fed.fraction_train,
         min_train_clients=fed.min_train_clients,
+        excluded=tuple(fed.excluded_clients),
     )
     if not cfg.privacy.user_level:
         return core, core

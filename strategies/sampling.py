@@ -100,8 +100,10 @@ class PartitionSampled:
         num_clients: int,
         fraction_train: float,
         min_train_clients: int,
+        excluded: tuple[int, ...] = (),
     ) -> None:
         self.fm_seed = seed
+        self.fm_excluded = frozenset(excluded)  # never trained (unlearning's retrain reference)
         self.fm_num_clients = num_clients
         self.fm_fraction = fraction_train
         self.fm_min_train = min_train_clients
@@ -119,6 +121,8 @@ class PartitionSampled:
         chosen = sample_partitions(
             self.fm_seed, server_round, self.fm_num_clients, self.fm_fraction, self.fm_min_train
         )
+        # the run's own sample minus the excluded clients: the others train exactly as before
+        chosen = [p for p in chosen if p not in self.fm_excluded]
         self.fm_reports[server_round] = RoundReport(server_round, chosen)
         view = _NodeSubset(grid, [self.fm_node_of[p] for p in chosen])
         return super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]

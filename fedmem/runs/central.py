@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedmem.config import ExperimentConfig
@@ -92,8 +93,11 @@ def run_central(
         central_matching(cfg, table)["steps_per_round"] if cfg.central.match == "steps" else None
     )
     plugins = build_plugins(cfg, "central")
-    x, y = table.x.to(device), table.y_obs.to(device)
-    rows = table.ids
+    rows, x, y = table.ids, table.x, table.y_obs
+    if cfg.federation.excluded_clients:  # left out of every run (unlearning's reference)
+        rows = rows[~torch.isin(table.client, torch.tensor(cfg.federation.excluded_clients))]
+        x, y = x[rows], y[rows]
+    x, y = x.to(device), y.to(device)
     history: Any = None
     dp_delta = None
     if cfg.privacy.record_level:
@@ -150,7 +154,7 @@ def run_central(
             dp = DPSession.create(
                 cfg.privacy,
                 cfg.train,
-                n_local=len(table),
+                n_local=len(rows),
                 seed=cfg.seed,
                 round_=r,
                 stream="central",
