@@ -113,7 +113,8 @@ class BatchedGrid(LocalGrid):
     def __init__(self, app: ClientApp, num_nodes: int, workers: int | None = None):
         super().__init__(app, num_nodes, client_threads=None)
         self.workers = workers
-        self._device_data: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._device_data: tuple[ExampleTable, torch.device, torch.Tensor, torch.Tensor] | None
+        self._device_data = None
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -152,9 +153,10 @@ class BatchedGrid(LocalGrid):
 
     def _data(self, table: ExampleTable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The table's inputs and observed labels on ``device`` (kept across rounds)."""
-        if self._device_data is None or self._device_data[:2] != (id(table), device):
-            self._device_data = (id(table), device, table.x.to(device), table.y_obs.to(device))
-        return self._device_data[2], self._device_data[3]
+        held = self._device_data
+        if held is None or held[0] is not table or held[1] != device:
+            self._device_data = (table, device, table.x.to(device), table.y_obs.to(device))
+        return self._device_data[2], self._device_data[3]  # type: ignore[index]
 
     def _train_clients(
         self, cfg: ExperimentConfig, table: ExampleTable, round_: int, messages: list[Message]
