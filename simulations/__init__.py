@@ -31,6 +31,7 @@ RECIPES = (
     "central_gap",
     "dp_memorization",
     "early_learning",
+    "localization",
     "lottery",
     "privacy_audit",
     "pruning_sweep",
@@ -59,6 +60,13 @@ def write_table(rows: list[Row], out_dir: Path, title: str, console: Console) ->
     console.print(f"saved {out_dir / 'table.csv'} and {out_dir / 'table.md'}")
 
 
+def recipe_dir(name: str, base: ExperimentConfig) -> Path:
+    """Where recipe ``name`` on ``base`` writes its table and figures (a recipe may also keep
+    per-example data there for its ``plot``)."""
+    key = hashlib.sha256(json.dumps([name, config_hash(base)]).encode()).hexdigest()[:8]
+    return Path(base.output.dir) / "recipes" / f"{name}-{key}"
+
+
 def run_recipe(
     name: str, base: ExperimentConfig, console: Console, force: bool = False
 ) -> list[Row]:
@@ -67,8 +75,7 @@ def run_recipe(
     module = importlib.import_module(f"simulations.{name}")
     run: Callable[[ExperimentConfig, Console, bool], list[Row]] = module.run
     rows = run(base, console, force)
-    key = hashlib.sha256(json.dumps([name, config_hash(base)]).encode()).hexdigest()[:8]
-    out_dir = Path(base.output.dir) / "recipes" / f"{name}-{key}"
+    out_dir = recipe_dir(name, base)
     write_table(rows, out_dir, module.TITLE, console)
     plot = getattr(module, "plot", None)  # a recipe may also draw its figures there
     if plot is not None:

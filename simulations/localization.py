@@ -1,0 +1,342 @@
+"""Where memorization lives in the trained central and federated models (Maini et al. 2023,
+"Can Neural Network Memorization Be Localized?", ICML).
+
+The base experiment is trained once (its cached run directory, keeping ``REWIND_ROUNDS``);
+then, for the final central model and the final federated global model, one section each:
+
+- ``flip`` (:func:`fedmem.analysis.localization.flip_units`, Sec. 4): up to
+  ``EXAMPLES_PER_KIND`` training examples per kind (mislabeled, clean, outlier, one copy per
+  canary) that the model predicts as their given label; units zeroed greedily until the
+  prediction flips (at most ``MAX_SHARE`` of all units). Per kind: the share that flipped, the
+  quartiles of the units needed (flipped examples), the test accuracy those units cost
+  (``acc_drop``, on ``CHECK`` test examples); ``flip-layer`` rows: the share of the zeroed
+  units in each layer. The paper: mislabeled examples flip after a few units, clean ones need
+  more, and the units are spread over the layers.
+- ``rewind`` (:func:`fedmem.analysis.layer_rewinding.rewinding`, Sec. 3.2): each layer group
+  rewound to each of ``REWIND_ROUNDS`` of the same run (0: the initialization; the authors
+  rewind to several early epochs); clean and mislabeled training accuracy. The paper: most
+  single layers are redundant for memorization (rewinding them leaves it), and the layers
+  that matter are, in general, not the last ones.
+- ``retrain`` (:func:`fedmem.analysis.layer_rewinding.retrain_layer`, Sec. 3.3): each group
+  reset to the run's round-0 weights, the rest frozen, ``RETRAIN_EPOCHS`` epochs on the clean
+  examples only (centrally, for the federated model too: ours); mislabeled accuracy on their
+  given labels at the epochs ``REPORT_EPOCHS``.
+
+Every section is a function of a :class:`Context` returning rows over :data:`COLUMNS`; more
+sections (e.g. example-tied dropout) append to :data:`SECTIONS`. The per-example flip results
+are kept as ``flips.json`` next to the table (for the histogram).
+
+    python -m fedmem.simulate --recipe localization --config configs/localization.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fedmem.config import ExperimentConfig, build, to_dict
+from fedmem.data.table import ExampleTable
+
+TITLE = "where memorization lives: neuron flipping, layer rewinding and retraining"
+EXAMPLES_PER_KIND = 100
+MAX_SHARE = 0.1  # of all units: the flipping cap
+REFERENCE = 128  # training rows whose loss the flipping objective holds down
+CHECK = 512  # test examples for the accuracy cost of an example's zeroed units
+REWIND_ROUNDS = (0, 2, 6)
+RETRAIN_EPOCHS = 10
+REPORT_EPOCHS = (0, 1, 2, 5, 10)
+COLUMNS = (
+    "section",
+    "run",
+    "setting",
+    "layer",
+    "examples",
+    "flipped",
+    "units_q1",
+    "units_median",
+    "units_q3",
+    "unit_share",
+    "acc_drop",
+    "train_acc_clean",
+    "noisy_memorized",
+    "noisy_true_acc",
+    "outlier_acc",
+    "canary_acc",
+    "test_acc",
+)
+Row = dict[str, Any]
+
+
+@dataclass
+class Context:
+    """What every section sees: the experiment, its table, its run directory and the final
+    weights of each run (``central``, ``federated``), and a store for per-example data."""
+
+    cfg: ExperimentConfig
+    table: ExampleTable
+    run_dir: Path
+    console: Console
+    finals: dict[str, dict[str, torch.Tensor]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        from fedmem.models.factory import experiment_model
+
+        model = experiment_model(self.cfg, self.table.input_shape, self.table.num_classes)
+        model.load_state_dict(state)
+        return model.eval()
+
+    def checkpoint(self, run: str, round_: int) -> dict[str, torch.Tensor]:
+        from fedmem.runs.checkpoints import load
+
+        return load(self.run_dir / "checkpoints" / run / f"round-{round_:05d}.pt")["model"]
+
+
+def base_config(base: ExperimentConfig) -> ExperimentConfig:
+    raw = to_dict(base)
+    raw["checkpoints"]["rounds"] = sorted({*raw["checkpoints"]["rounds"], *REWIND_ROUNDS} - {0})
+    raw["analysis"]["gradients"]["enabled"] = False
+    raw["federation"]["enabled"] = True
+    return build(raw)
+
+
+def _kinds(table: ExampleTable) -> dict[str, torch.Tensor]:
+    first_copy = torch.zeros(len(table), dtype=torch.bool)
+    ids = table.canary_id
+    for c in ids[ids >= 0].unique().tolist():  # copies are identical: one per canary
+        first_copy[int(torch.nonzero(ids == c)[0])] = True
+    return {
+        "mislabeled": table.is_noisy,
+        "clean": table.is_clean,
+        "outlier": table.is_outlier,
+        "canary": first_copy,
+    }
+
+
+def _quartiles(values: list[int]) -> dict[str, float | None]:
+    if not values:
+        return {"units_q1": None, "units_median": None, "units_q3": None}
+    q = np.percentile(values, [25, 50, 75])
+    return {"units_q1": float(q[0]), "units_median": float(q[1]), "units_q3": float(q[2])}
+
+
+def flipping(ctx: Context) -> list[Row]:
+    from fedmem.analysis.localization import flip_units
+    from fedmem.observer import predict
+    from fedmem.seeding import np_rng
+
+    table, seed = ctx.table, ctx.cfg.seed
+    ref = torch.from_numpy(np_rng(seed, "localization", "reference").permutation(len(table)))
+    ref = ref[:REFERENCE]
+    check = torch.from_numpy(np_rng(seed, "localization", "check").permutation(len(table.y_test)))
+    check = check[:CHECK]
+    rows: list[Row] = []
+    for run, state in ctx.finals.items():
+        model = ctx.model(state)
+        on_given = predict(model, table.x, ctx.cfg.train.eval_batch_size).argmax(1) == table.y_obs
+        for kind, mask in _kinds(table).items():
+            eligible = torch.nonzero(mask & on_given).flatten()
+            pick = np_rng(seed, "localization", run, kind).permutation(len(eligible))
+            chosen = eligible[torch.from_numpy(pick[:EXAMPLES_PER_KIND])].sort().values
+            ctx.console.print(f"neuron flipping: {run}, {len(chosen)} {kind} examples")
+            res = flip_units(
+                model,
+                table.x[chosen],
+                table.y_obs[chosen],
+                table.x[ref],
+                table.y_obs[ref],
+                max_share=MAX_SHARE,
+                check=(table.x_test[check], table.y_test[check]),
+            )
+            units = [u for u in res.units if u is not None]
+            drops = [d for d in res.acc_drop if d is not None]
+            flipped = [z for s, z in zip(res.status, res.zeroed, strict=True) if s == "flipped"]
+            layers = [res.layer_of(u) for z in flipped for u in z]
+            ctx.extra.setdefault("flips", {}).setdefault(run, {})[kind] = {
+                "rows": chosen.tolist(),
+                "status": res.status,
+                "units": res.units,
+                "layers": [[res.layer_of(u) for u in z] for z in res.zeroed],
+            }
+            rows.append(
+                {
+                    "section": "flip",
+                    "run": run,
+                    "setting": kind,
+                    "layer": "all",
+                    "examples": len(chosen),
+                    "flipped": len(units) / len(chosen) if len(chosen) else None,
+                    **_quartiles(units),
+                    "acc_drop": float(np.mean(drops)) if drops else None,
+                }
+            )
+            for layer in dict.fromkeys(u.layer for u in res.layers):
+                share = layers.count(layer) / len(layers) if layers else None
+                rows.append(
+                    {
+                        "section": "flip-layer",
+                        "run": run,
+                        "setting": kind,
+                        "layer": layer,
+                        "examples": len(units),
+                        "unit_share": share,
+                    }
+                )
+    return rows
+
+
+def rewinding(ctx: Context) -> list[Row]:
+    from fedmem.analysis.gradients import layer_groups
+    from fedmem.analysis.layer_rewinding import rewinding as rewind_rows
+
+    rows: list[Row] = []
+    for run, state in ctx.finals.items():
+        model = ctx.model(state)
+        earlier = {k: ctx.checkpoint(run, k) for k in REWIND_ROUNDS}
+        ctx.console.print(f"layer rewinding: {run}")
+        for r in rewind_rows(model, ctx.table, state, earlier, layer_groups(model)):
+            k = r.pop("rewind_round")
+            setting = "final" if k is None else f"to round {k}"
+            layer = r.pop("group")
+            rows.append({"section": "rewind", "run": run, "setting": setting, "layer": layer, **r})
+    return rows
+
+
+def retraining(ctx: Context) -> list[Row]:
+    from fedmem.analysis.gradients import layer_groups
+    from fedmem.analysis.layer_rewinding import retrain_layer
+
+    rows: list[Row] = []
+    for run, state in ctx.finals.items():
+        init = ctx.checkpoint(run, 0)
+        for name, params in layer_groups(ctx.model(state)).items():
+            ctx.console.print(f"layer retraining on clean examples: {run}, {name}")
+            per_epoch, _ = retrain_layer(ctx.cfg, ctx.table, state, init, params, RETRAIN_EPOCHS)
+            for r in per_epoch:
+                epoch = r.pop("epoch")
+                if epoch in REPORT_EPOCHS:
+                    setting = f"epoch {epoch}"
+                    rows.append(
+                        {"section": "retrain", "run": run, "setting": setting, "layer": name, **r}
+                    )
+    return rows
+
+
+SECTIONS: list[Callable[[Context], list[Row]]] = [flipping, rewinding, retraining]
+
+
+def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[Row]:
+    from fedmem.data.table import cached_table
+    from fedmem.runs.checkpoints import load
+    from fedmem.runs.experiment import run_or_load
+    from fedmem.runs.rundir import atomic_write_text
+    from simulations import recipe_dir
+
+    cfg = base_config(base)
+    rd, _ = run_or_load(cfg, console, force)
+    finals = {
+        name: load(rd.path / "checkpoints" / f"{name}.pt") for name in ("central", "federated")
+    }
+    ctx = Context(cfg, cached_table(cfg), rd.path, console, finals)
+    rows = [{c: r.get(c) for c in COLUMNS} for section in SECTIONS for r in section(ctx)]
+    out = recipe_dir("localization", base)
+    atomic_write_text(out / "flips.json", json.dumps(ctx.extra.get("flips", {})))
+    return rows
+
+
+def plot(base: ExperimentConfig, rows: list[Row], out_dir: Any) -> list[Any]:
+    """Units needed per example kind (histograms), the layers of the zeroed units, accuracy
+    after rewinding each layer group, and mislabeled accuracy while retraining, per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    paths = []
+
+    def save(fig: Any, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
+    flips_path = out / "flips.json"
+    if flips_path.is_file():
+        flips = json.loads(flips_path.read_text())
+        fig, axes = plt.subplots(1, len(flips), figsize=(5 * len(flips), 3.8), squeeze=False)
+        for ax, (run, kinds) in zip(axes[0], flips.items(), strict=True):
+            top = max([u for k in kinds.values() for u in k["units"] if u is not None] or [1])
+            bins = np.arange(0.5, top + 1.5)
+            for kind, k in kinds.items():
+                units = [u for u in k["units"] if u is not None]
+                if units:
+                    label = f"{kind} ({len(units)}/{len(k['units'])} flipped)"
+                    ax.hist(units, bins=bins, alpha=0.5, label=label)
+            ax.set_xlabel("units zeroed until the prediction flips")
+            ax.set_ylabel("examples")
+            ax.set_title(f"neuron flipping: {run} model")
+            ax.legend(fontsize=7)
+        paths.append(save(fig, "units_needed.png"))
+
+    def bars(ax: Any, groups: list[str], series: dict[str, list[Any]], ylabel: str) -> None:
+        width = 0.8 / max(len(series), 1)
+        xs = np.arange(len(groups))
+        for i, (label, vals) in enumerate(series.items()):
+            ys = [np.nan if v is None else v for v in vals]
+            ax.bar(xs + (i + 0.5) * width - 0.4, ys, width, label=label)
+        ax.set_xticks(xs, groups, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        rr = [r for r in rows if r["section"] == "flip-layer" and r["run"] == run]
+        layers = list(dict.fromkeys(r["layer"] for r in rr))
+        kinds = list(dict.fromkeys(r["setting"] for r in rr))
+        share = {(r["setting"], r["layer"]): r["unit_share"] for r in rr}
+        series = {k: [share[k, lay] for lay in layers] for k in kinds}
+        bars(ax, layers, series, "share of the zeroed units")
+        ax.set_title(f"layers of the flipping units: {run}")
+    paths.append(save(fig, "layer_share.png"))
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        rr = [r for r in rows if r["section"] == "rewind" and r["run"] == run]
+        groups = ["none", *dict.fromkeys(r["layer"] for r in rr if r["layer"] != "none")]
+        series = {}
+        for setting in dict.fromkeys(r["setting"] for r in rr if r["setting"] != "final"):
+            for key, short in (("train_acc_clean", "clean"), ("noisy_memorized", "mislabeled")):
+                vals = []
+                for g in groups:
+                    match = [
+                        r for r in rr if r["layer"] == g and r["setting"] in (setting, "final")
+                    ]
+                    vals.append(match[0][key] if match else None)
+                series[f"{short}, {setting}"] = vals
+        bars(ax, groups, series, "training accuracy (given labels)")
+        ax.set_title(f"layer rewinding: {run} model")
+    paths.append(save(fig, "rewinding.png"))
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        rr = [r for r in rows if r["section"] == "retrain" and r["run"] == run]
+        for g in dict.fromkeys(r["layer"] for r in rr):
+            pts = [(int(r["setting"].split()[1]), r) for r in rr if r["layer"] == g]
+            xs = [e for e, _ in pts]
+            ax.plot(xs, [r["noisy_memorized"] for _, r in pts], "-o", label=f"{g}: mislabeled")
+            ax.plot(xs, [r["train_acc_clean"] for _, r in pts], ":", label=f"{g}: clean")
+        ax.set_xlabel("epochs retrained on clean examples")
+        ax.set_ylabel("training accuracy (given labels)")
+        ax.set_title(f"layer retraining: {run} model")
+        ax.legend(fontsize=7)
+    paths.append(save(fig, "retraining.png"))
+    return paths
