@@ -1,0 +1,108 @@
+"""Side-by-side measures of unlearned models (pure functions of a model and the table).
+
+Forgetting is good when a measure matches the retrained model's, not when it falls below it:
+a model that forgot "too much" is as distinguishable from retraining as one that forgot
+nothing (Halimi et al. 2022; Liu et al., "Learn to Forget").
+
+- ``forgotten_acc`` / ``remaining_acc``: training accuracy (given labels) on the forgotten
+  clients' rows / on every other client's rows; ``test_acc``;
+- ``forgotten_mia_auc``: loss-threshold membership inference (Yeom et al. 2018), the
+  forgotten clients' rows against as many test rows, as a ROC AUC (0.5: no signal);
+- ``forgotten_exposure``: mean exposure (Carlini et al. 2019) of the canaries only the
+  forgotten clients held (None without such canaries);
+- ``l2_to_retrain`` (weights) and ``kl_to_retrain`` (mean KL(retrain || model) of the
+  predicted class distributions on the test set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmem.data.table import ExampleTable
+from fedmem.observer import predict
+from fedmem.privacy.audit.exposure import exposure
+from fedmem.seeding import np_rng
+from fedmem.stats import roc_auc
+
+BATCH = 4096
+
+
+def loss_auc(model: nn.Module, table: ExampleTable, rows: torch.Tensor, seed: int) -> float:
+    """Yeom et al. loss-threshold attack: ``rows`` (members) vs as many random test rows."""
+    n = min(len(rows), len(table.y_test))
+    test = torch.from_numpy(np_rng(seed, "unlearn", "mia").choice(len(table.y_test), n, False))
+    member = F.cross_entropy(
+        predict(model, table.x[rows], BATCH), table.y_obs[rows], reduction="none"
+    )
+    other = F.cross_entropy(
+        predict(model, table.x_test[test], BATCH), table.y_test[test], reduction="none"
+    )
+    labels = np.r_[np.ones(len(member)), np.zeros(len(other))]
+    return roc_auc(-torch.cat([member, other]).numpy(), labels)
+
+
+def only_held_by(table: ExampleTable, clients: tuple[int, ...]) -> np.ndarray:
+    """Canary ids whose every copy sits at the given clients."""
+    out = []
+    for c in torch.unique(table.canary_id[table.canary_id >= 0]).tolist():
+        holders = set(torch.unique(table.client[table.canary_id == c]).tolist())
+        if holders <= set(clients):
+            out.append(c)
+    return np.array(out, dtype=np.int64)
+
+
+def forgotten_exposure(
+    model: nn.Module, table: ExampleTable, clients: tuple[int, ...]
+) -> float | None:
+    ids = only_held_by(table, clients)
+    if len(ids) == 0 or len(table.canary_ref_x) == 0:
+        return None
+    rows = [int(torch.nonzero(table.canary_id == c)[0]) for c in ids]
+    losses = F.cross_entropy(
+        predict(model, table.x[rows], BATCH), table.y_obs[rows], reduction="none"
+    )
+    ref = F.cross_entropy(
+        predict(model, table.canary_ref_x, BATCH), table.canary_ref_y, reduction="none"
+    )
+    return float(np.mean(exposure(losses.numpy(), ref.numpy())))
+
+
+def measures(
+    model: nn.Module,
+    table: ExampleTable,
+    clients: tuple[int, ...],
+    retrained: nn.Module | None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    forgotten = torch.isin(table.client, torch.tensor(clients))
+    pred = predict(model, table.x, BATCH).argmax(1)
+    test_logits = predict(model, table.x_test, BATCH)
+    out: dict[str, Any] = {
+        "test_acc": float((test_logits.argmax(1) == table.y_test).float().mean()),
+        "forgotten_acc": float((pred[forgotten] == table.y_obs[forgotten]).float().mean()),
+        "remaining_acc": float((pred[~forgotten] == table.y_obs[~forgotten]).float().mean()),
+        "forgotten_mia_auc": loss_auc(model, table, torch.nonzero(forgotten).flatten(), seed),
+        "forgotten_exposure": forgotten_exposure(model, table, clients),
+    }
+    if retrained is not None:
+        a = torch.cat(
+            [p.detach().reshape(-1) for p in model.state_dict().values() if p.is_floating_point()]
+        )
+        b = torch.cat(
+            [
+                p.detach().reshape(-1)
+                for p in retrained.state_dict().values()
+                if p.is_floating_point()
+            ]
+        )
+        ref = F.log_softmax(predict(retrained, table.x_test, BATCH), 1)
+        out["l2_to_retrain"] = float((a - b).norm())
+        out["kl_to_retrain"] = float(
+            F.kl_div(F.log_softmax(test_logits, 1), ref, log_target=True, reduction="batchmean")
+        )
+    return out

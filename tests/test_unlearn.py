@@ -1,0 +1,90 @@
+"""``python -m fedmem.unlearn``: retrain equals a fresh run without the client, ascent stays in
+its projection ball, results and derived models are written, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedmem.simulate import main as simulate
+from fedmem.unlearn import main as unlearn
+from fedmem.unlearning.ascent import project
+from tests.conftest import small_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = ["federation.backend=local", "train.rounds=2", "analysis.gradients.enabled=false"]
+
+
+def _run(tmp_path, *extra):
+    assert simulate([*small_overrides(tmp_path), *BASE, *extra]) == 0
+    return max((tmp_path / "runs").glob("default-*"), key=lambda p: p.stat().st_mtime)
+
+
+def _metrics(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def test_projection_keeps_parameters_in_the_ball():
+    center = [torch.zeros(3), torch.zeros(2)]
+    params = [torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])]
+    assert float(project(params, center, 1.0)) == pytest.approx(1.0)
+    assert torch.allclose(params[0], torch.tensor([0.6, 0, 0])) and torch.allclose(
+        params[1], torch.tensor([0, 0.8])
+    )
+    inside = [torch.tensor([0.1, 0.0, 0.0]), torch.zeros(2)]
+    assert float(project(inside, center, 1.0)) == pytest.approx(0.1)
+    assert torch.equal(inside[0], torch.tensor([0.1, 0.0, 0.0]))
+
+
+def test_unlearn_retrain_and_ascent(tmp_path):
+    run_dir = _run(tmp_path, "checkpoints.client_updates=true")
+    assert unlearn([str(run_dir), "--client", "1", "--method", "ascent", "ascent.epochs=2"]) == 0
+    result = json.loads((run_dir / "unlearning.json").read_text())
+    assert set(result["models"]) == {"federated", "federated-retrain-c1", "federated-ascent-c1"}
+    retrain = result["models"]["federated-retrain-c1"]
+    assert retrain["l2_to_retrain"] == 0.0 and retrain["kl_to_retrain"] == pytest.approx(
+        0, abs=1e-6
+    )
+    ascent = result["details"]["ascent"]
+    assert ascent["distance_to_reference"] <= ascent["radius"] * (1 + 1e-5)
+    assert ascent["post_rounds"] == 2 and result["models"]["federated-ascent-c1"]["rounds"] == 2
+    # no state of the forgotten client is left in the run (a finished run keeps no client
+    # state files at all; unlearn would delete them)
+    assert result["removed_client_state"] == []
+    assert not (run_dir / "client_state").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["models"]["federated-ascent-c1"]["parent"] == "federated@2"
+    assert "c1" in summary["unlearning"]
+    # retrain is exactly a fresh run of the same config without client 1
+    (retrain_dir,) = (tmp_path / "runs").glob("default-retrain-*")
+    fresh = tmp_path / "fresh"
+    assert (
+        simulate(
+            [
+                *small_overrides(fresh),
+                *BASE,
+                "checkpoints.client_updates=true",
+                "federation.excluded_clients=[1]",
+            ]
+        )
+        == 0
+    )
+    (fresh_dir,) = (fresh / "runs").glob("default-*")
+    assert _metrics(retrain_dir) == _metrics(fresh_dir)
+
+
+def test_bad_requests_exit_2(tmp_path, capsys):
+    run_dir = _run(tmp_path)
+    assert unlearn([str(run_dir), "--client", "9"]) == 2
+    assert "--client: [9] out of range" in capsys.readouterr().err
+    assert unlearn([str(run_dir), "--client", "1", "--method", "nope"]) == 2
+    assert "--method: unknown ['nope']" in capsys.readouterr().err
+    assert unlearn([str(run_dir), "--client", "1", "ascent.nope=1"]) == 2
+    assert "ascent.nope: unknown setting" in capsys.readouterr().err
+    assert unlearn([str(run_dir), "--client", "1", "--method", "ascent"]) == 2
+    assert "checkpoints.client_updates" in capsys.readouterr().err
+    assert unlearn([str(tmp_path / "missing"), "--client", "1"]) == 2
