@@ -17,13 +17,16 @@ then, for the final central model and the final federated global model, one sect
   rewind to several early epochs); clean and mislabeled training accuracy. The paper: most
   single layers are redundant for memorization (rewinding them leaves it), and the layers
   that matter are, in general, not the last ones.
+- ``tied`` / ``client-tied`` (:func:`tied_dropout`, Sec. 5): the experiment retrained with
+  example-tied dropout, standard dropout and a fixed sparse network of the same keep share,
+  and client-tied dropout (ours); all units vs drop mode, and one client's units off.
 - ``retrain`` (:func:`fedmem.analysis.layer_rewinding.retrain_layer`, Sec. 3.3): each group
   reset to the run's round-0 weights, the rest frozen, ``RETRAIN_EPOCHS`` epochs on the clean
   examples only (centrally, for the federated model too: ours); mislabeled accuracy on their
   given labels at the epochs ``REPORT_EPOCHS``.
 
 Every section is a function of a :class:`Context` returning rows over :data:`COLUMNS`; more
-sections (e.g. example-tied dropout) append to :data:`SECTIONS`. The per-example flip results
+sections append to :data:`SECTIONS`. The per-example flip results
 are kept as ``flips.json`` next to the table (for the histogram).
 
     python -m fedmem.simulate --recipe localization --config configs/localization.yaml
@@ -52,6 +55,8 @@ CHECK = 512  # test examples for the accuracy cost of an example's zeroed units
 REWIND_ROUNDS = (0, 2, 6)
 RETRAIN_EPOCHS = 10
 REPORT_EPOCHS = (0, 1, 2, 5, 10)
+TIED_KINDS = ("example", "standard", "fixed", "client")  # model.dropout.kind per variant
+FORGET_CLIENT = 0  # client-tied dropout: whose memorization units are switched off
 COLUMNS = (
     "section",
     "run",
@@ -70,6 +75,7 @@ COLUMNS = (
     "outlier_acc",
     "canary_acc",
     "test_acc",
+    "mia_auc",
 )
 Row = dict[str, Any]
 
@@ -229,7 +235,48 @@ def retraining(ctx: Context) -> list[Row]:
     return rows
 
 
-SECTIONS: list[Callable[[Context], list[Row]]] = [flipping, rewinding, retraining]
+def tied_dropout(ctx: Context) -> list[Row]:
+    """Example-tied dropout and its baselines (Sec. 5, Table 3; :mod:`fedmem.models.
+    tied_dropout`): the same experiment trained with each ``model.dropout.kind`` of
+    ``TIED_KINDS`` (its own cached run), each final model evaluated with all units and in drop
+    mode; client-tied dropout also with ``FORGET_CLIENT``'s memorization units off
+    (:func:`fedmem.methods.tied_dropout_eval.client_forgetting`)."""
+    from fedmem.data.table import cached_table
+    from fedmem.methods.tied_dropout_eval import client_forgetting, mode_rows
+    from fedmem.runs.checkpoints import load
+    from fedmem.runs.experiment import run_or_load
+
+    rows: list[Row] = []
+    for kind in TIED_KINDS:
+        raw = to_dict(ctx.cfg)
+        raw["model"]["dropout"]["kind"] = kind
+        raw["output"]["name"] = f"{ctx.cfg.output.name}-{kind}-dropout"
+        cfg = build(raw)
+        ctx.console.print(f"tied dropout: training with model.dropout.kind={kind}")
+        rd, _ = run_or_load(cfg, ctx.console)
+        table = cached_table(cfg)
+        for run in ("central", "federated"):
+            sub = Context(cfg, table, rd.path, ctx.console, {})
+            model = sub.model(load(rd.path / "checkpoints" / f"{run}.pt"))
+            for r in mode_rows(model, table):
+                mode = "" if r["mode"] == "-" else f" ({r['mode']})"
+                rows.append({"section": "tied", "run": run, "setting": f"{kind}{mode}", **r})
+            if kind == "client":
+                for r in client_forgetting(model, table, FORGET_CLIENT, cfg.seed):
+                    rows.append(
+                        {
+                            "section": "client-tied",
+                            "run": run,
+                            "setting": r["state"],
+                            "layer": r["group"],
+                            "train_acc_clean": r["train_acc"],
+                            "mia_auc": r["mia_auc"],
+                        }
+                    )
+    return rows
+
+
+SECTIONS: list[Callable[[Context], list[Row]]] = [flipping, rewinding, retraining, tied_dropout]
 
 
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[Row]:

@@ -263,6 +263,7 @@ def test_localization_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "REWIND_ROUNDS", (0, 2))
     monkeypatch.setattr(recipe, "RETRAIN_EPOCHS", 1)
     monkeypatch.setattr(recipe, "REPORT_EPOCHS", (0, 1))
+    monkeypatch.setattr(recipe, "TIED_KINDS", ("example", "fixed", "client"))
     args = [
         *small_overrides(tmp_path),
         "federation.backend=local",
@@ -296,6 +297,25 @@ def test_localization_recipe(tmp_path, monkeypatch):
             if r["section"] == "retrain" and r["run"] == run
         ]
         assert retrain == [(g, f"epoch {e}") for g in groups for e in (0, 1)]
+        tied = [r["setting"] for r in rows if r["section"] == "tied" and r["run"] == run]
+        assert tied == [
+            "example (all)",
+            "example (drop)",
+            "fixed",
+            "client (all)",
+            "client (drop)",
+        ]
+        forget = [
+            (r["setting"], r["layer"])
+            for r in rows
+            if r["section"] == "client-tied" and r["run"] == run
+        ]
+        assert forget == [
+            (s, g)
+            for s in ("all units", "client's units off")
+            for g in ("forgotten client", "other clients")
+        ]
+        assert all(0 <= float(r["mia_auc"]) <= 1 for r in rows if r["section"] == "client-tied")
     final = next(r for r in rows if r["section"] == "rewind" and r["layer"] == "none")
     assert final["noisy_memorized"] not in ("", None)
     for name in ("units_needed", "layer_share", "rewinding", "retraining"):
