@@ -333,6 +333,17 @@ class GradientGeometryConfig(_Section):
     )
 
 
+class LabelGradientConfig(_Section):
+    """Label-dependent vs label-independent gradient parts per layer, clean vs mislabeled
+    (Stephenson et al. 2021, Eq. 25, Fig. A.1)."""
+
+    enabled: bool = Field(False, description="compute it after every `every` rounds")
+    every: int = Field(1, ge=1, description="rounds between measurements")
+    max_examples: int = Field(
+        1024, ge=2, description="per group; both groups get the same seeded number of rows"
+    )
+
+
 class MemorizationScoresConfig(_Section):
     """Feldman & Zhang (2020) memorization scores from an ensemble on random subsets."""
 
@@ -353,6 +364,7 @@ class AnalysisConfig(_Section):
         0.5, gt=0.0, lt=1.0, description="memorization onset: noisy_memorized exceeds this"
     )
     gradients: GradientGeometryConfig = GradientGeometryConfig()
+    label_gradient: LabelGradientConfig = LabelGradientConfig()
     memorization_scores: MemorizationScoresConfig = MemorizationScoresConfig()
 
 

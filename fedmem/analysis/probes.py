@@ -3,6 +3,9 @@
 - :class:`TrajectoryProbe` keeps per-example loss / correctness / margin (``examples.npz``).
 - :class:`GradientProbe` measures the per-layer clean-vs-mislabeled gradient geometry
   (Maini et al. 2023) on a fixed seeded subsample, writing rows to ``gradients.jsonl``.
+- :class:`LabelGradientProbe` measures the label-dependent and label-independent gradient
+  parts (Stephenson et al. 2021) of equal-size clean and mislabeled samples, writing rows of
+  ``kind: label_parts`` to ``gradients.jsonl``.
 - :func:`trajectory_summary` turns a run's trajectories and metrics rows into onsets, learning
   times and forgetting events per example kind (and per client for federated runs).
 """
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from fedmem.analysis.gradients import gradient_geometry
+from fedmem.analysis.label_gradient import equal_samples, label_gradient_stats
 from fedmem.analysis.tracking import TrajectoryRecorder
 from fedmem.analysis.trajectories import (
     early_learning_onset,
@@ -28,7 +32,7 @@ from fedmem.analysis.trajectories import (
     per_client_onsets,
     table_groups,
 )
-from fedmem.config import GradientGeometryConfig
+from fedmem.config import ExperimentConfig, GradientGeometryConfig, LabelGradientConfig
 from fedmem.data.table import ExampleTable
 from fedmem.runs.checkpoints import save_atomic
 from fedmem.seeding import np_rng
@@ -116,6 +120,59 @@ class GradientProbe:
                 }
             )
         return None
+
+
+class LabelGradientProbe:
+    """Label-dependent vs label-independent gradient parts per layer every ``cfg.every``
+    rounds (:func:`~fedmem.analysis.label_gradient.label_gradient_stats`).
+
+    Clean (``table.is_clean``) and mislabeled rows are sampled once with the seed, the same
+    number of each (:func:`~fedmem.analysis.label_gradient.equal_samples`, at most
+    ``cfg.max_examples``), so every round and both runs measure the same examples. One row per
+    round, layer and group (``group``: ``clean`` / ``noisy``) with ``kind: label_parts``.
+    """
+
+    def __init__(
+        self,
+        table: ExampleTable,
+        cfg: LabelGradientConfig,
+        seed: int,
+        run: str,
+        sink: Callable[[dict[str, Any]], None],
+    ):
+        rng = np_rng(seed, "label-gradient-subsample")
+        clean, noisy = equal_samples([table.is_clean, table.is_noisy], cfg.max_examples, rng)
+        self.samples = {"clean": clean, "noisy": noisy}
+        self.population = {"clean": int(table.is_clean.sum()), "noisy": int(table.is_noisy.sum())}
+        self.table, self.cfg, self.run, self.sink = table, cfg, run, sink
+
+    def __call__(self, round_: int, model: nn.Module, train_logits: torch.Tensor) -> None:
+        if round_ % self.cfg.every != 0 or len(self.samples["noisy"]) == 0:
+            return None
+        for group, rows in self.samples.items():
+            stats = label_gradient_stats(model, self.table.x[rows], self.table.y_obs[rows])
+            for layer, values in stats.items():
+                self.sink(
+                    {
+                        "run": self.run,
+                        "round": round_,
+                        "kind": "label_parts",
+                        "layer": layer,
+                        "group": group,
+                        **values,
+                        "population": self.population[group],
+                    }
+                )
+        return None
+
+
+def label_probes(
+    cfg: ExperimentConfig, table: ExampleTable, run: str, sink: Callable[[dict[str, Any]], None]
+) -> list[LabelGradientProbe]:
+    """``[LabelGradientProbe]`` for ``run`` when ``analysis.label_gradient`` is enabled, else
+    ``[]`` (what :func:`fedmem.runs.experiment.run_experiment` adds to an observer)."""
+    lg = cfg.analysis.label_gradient
+    return [LabelGradientProbe(table, lg, cfg.seed, run, sink)] if lg.enabled else []
 
 
 def trajectory_summary(

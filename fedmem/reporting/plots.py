@@ -104,6 +104,56 @@ def gradient_heatmap(grad_rows: list[dict[str, Any]], path: Path) -> Path | None
     return path
 
 
+LABEL_PARTS = (  # (field prefix, what it is, line style)
+    ("dep", "label-dependent", "-"),
+    ("indep", "label-independent", "--"),
+)
+GROUP_COLOR = {"clean": "tab:blue", "noisy": "tab:red"}
+
+
+def _label_parts_panel(
+    ax: plt.Axes, rows: list[dict[str, Any]], run: str, layer: str, stat: str
+) -> None:
+    """Both parts of both groups of one run and layer over rounds (``<part>_<stat>`` fields)."""
+    for group, color in GROUP_COLOR.items():
+        gr = [g for g in rows if (g["run"], g["layer"], g["group"]) == (run, layer, group)]
+        gr.sort(key=lambda g: g["round"])
+        for part, label, style in LABEL_PARTS:
+            ys = [np.nan if g.get(f"{part}_{stat}") is None else g[f"{part}_{stat}"] for g in gr]
+            ax.plot([g["round"] for g in gr], ys, style, color=color, label=f"{group}: {label}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+
+
+def label_parts_curves(grad_rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Label-dependent and label-independent gradient parts over rounds, clean vs mislabeled,
+    one column per layer (Stephenson et al. 2021, Fig. A.1). Per run, two rows: the norm of
+    the group's mean part (the paper's quantity) and the mean per-example norm, both divided
+    by sqrt(#params). From rows of ``kind: label_parts``; None without any."""
+    rows = [g for g in grad_rows if g.get("kind") == "label_parts"]
+    if not rows:
+        return None
+    runs = list(dict.fromkeys(g["run"] for g in rows))
+    layers = list(dict.fromkeys(g["layer"] for g in rows))
+    stats = (("norm_of_mean", "norm of mean part"), ("norm", "mean per-example norm"))
+    panels = [(run, stat, what) for run in runs for stat, what in stats]
+    fig, axes = plt.subplots(
+        len(panels),
+        len(layers),
+        figsize=(3.3 * len(layers) + 0.5, 2.5 * len(panels)),
+        squeeze=False,
+    )
+    for (run, stat, what), axrow in zip(panels, axes, strict=True):
+        for layer, ax in zip(layers, axrow, strict=True):
+            _label_parts_panel(ax, rows, run, layer, stat)
+            ax.set_title(f"{run}, {layer}: {what}", fontsize=8)
+    axes[-1][0].set_xlabel("round")
+    axes[0][0].legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
 def score_histograms(
     scores: np.ndarray, groups: dict[str, np.ndarray], path: Path, title: str
 ) -> Path:

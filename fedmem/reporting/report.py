@@ -222,6 +222,7 @@ def render_report(run_dir: str | Path) -> Path:
             ),
             "",
         ]
+    out += _label_parts_md(grad_rows, run_dir)
     mem = summary.get("memorization_scores") or {}
     for level, m in mem.items():
         if not isinstance(m, dict):
@@ -246,6 +247,58 @@ def render_report(run_dir: str | Path) -> Path:
     out += _audit_md(run_dir)
     atomic_write_text(run_dir / "report.md", "\n".join(out) + "\n")
     return run_dir / "report.md"
+
+
+def _label_parts_md(grad_rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """The label-dependent / label-independent gradient section (rows of ``kind:
+    label_parts``, Stephenson et al. 2021): the figure, and a table of the first and last
+    measured rounds of every run."""
+    from fedmem.reporting import plots
+
+    rows = [g for g in grad_rows if g.get("kind") == "label_parts"]
+    fig = plots.label_parts_curves(rows, run_dir / "plots" / "label_parts.png")
+    if fig is None:
+        return []
+    by_key = {(g["run"], g["round"], g["layer"], g["group"]): g for g in rows}
+    table = []
+    for run in dict.fromkeys(g["run"] for g in rows):
+        rounds = sorted({g["round"] for g in rows if g["run"] == run})
+        for r in dict.fromkeys((rounds[0], rounds[-1])):
+            for layer in dict.fromkeys(g["layer"] for g in rows if g["run"] == run):
+                c, n = (by_key.get((run, r, layer, grp), {}) for grp in ("clean", "noisy"))
+                fields = ("dep_norm_of_mean", "indep_norm_of_mean", "dep_norm")
+                cells = [_fmt(g.get(k), "{:.3g}") for k in fields for g in (c, n)]
+                table.append([run, r, layer, *cells])
+    n_ex = rows[0].get("num_examples")
+    return [
+        "## Where: label-dependent vs label-independent gradient",
+        "",
+        "Each example's cross-entropy gradient is J^T p (label-independent) plus -J^T e_y "
+        "(label-dependent) (Stephenson et al. 2021, Eq. 25, Fig. A.1), per layer, on "
+        f"{n_ex} clean and {n_ex} mislabeled training examples (`kind: label_parts` in "
+        "`gradients.jsonl`). Norm of mean: the norm of the group's mean part (unbiased "
+        "estimate; 0: below sampling noise); per-example: the mean of each example's own "
+        "part norm; both / sqrt(#params). The paper finds the mislabeled examples' mean "
+        "label-dependent part close to zero early in training, the clean examples' not.",
+        "",
+        f"![label-dependent vs label-independent gradient]({fig.relative_to(run_dir)})",
+        "",
+        md_table(
+            [
+                "run",
+                "round",
+                "layer",
+                "label-dep. mean: clean",
+                "mislabeled",
+                "label-indep. mean: clean",
+                "mislabeled",
+                "label-dep. per-example: clean",
+                "mislabeled",
+            ],
+            table,
+        ),
+        "",
+    ]
 
 
 def _audit_md(run_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import fedmem
 from fedmem import config as config_mod
-from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, trajectory_summary
+from fedmem.analysis.probes import GradientProbe, TrajectoryProbe, label_probes, trajectory_summary
 from fedmem.analysis.tracking import save_trajectories
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
@@ -112,6 +112,7 @@ def run_experiment(
                 probes.append(
                     GradientProbe(table, cfg.analysis.gradients, cfg.seed, run, gradient_sink)
                 )
+            probes += label_probes(cfg, table, run, gradient_sink)
             obs = Observer(table, run, rd.append_metrics, cfg.train.eval_batch_size, probes)
             obs.restore([r for r in rd.read_metrics() if r["run"] == run])
             observers[run] = obs
