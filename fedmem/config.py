@@ -179,6 +179,17 @@ class Mnist1dConfig(_Section):
     train_split: float = Field(0.8, gt=0.0, lt=1.0, description="share used for training")
 
 
+class BackdoorConfig(_Section):
+    """A backdoor held by chosen clients (BadNets, Gu et al. 2017): a share of their examples
+    carry a fixed trigger and the target label; unlearning must remove it with the client."""
+
+    clients: list[int] = Field(default_factory=list, description="clients holding the backdoor")
+    share: float = Field(0.5, gt=0.0, le=1.0, description="share of their examples poisoned")
+    target: int = Field(0, ge=0, description="the label the trigger maps to")
+    width: int = Field(4, ge=1, description="trigger: the last `width` input features")
+    strength: float = Field(3.0, gt=0.0, description="trigger values +-strength (data std)")
+
+
 class DataConfig(_Section):
     name: Literal[DATASETS] = Field("mnist1d", description="dataset: " + ", ".join(DATASETS))  # type: ignore[valid-type]
     data_dir: Path | None = Field(
@@ -193,6 +204,7 @@ class DataConfig(_Section):
     noise: NoiseConfig = NoiseConfig()
     outliers: OutlierConfig = OutlierConfig()
     canaries: CanaryConfig = CanaryConfig()
+    backdoor: BackdoorConfig = BackdoorConfig()
 
     @model_validator(mode="after")
     def _needs_dir(self) -> DataConfig:
@@ -557,6 +569,11 @@ class ExperimentConfig(_Section):
             raise _KeyedError(
                 "federation.min_train_clients",
                 f"{self.federation.min_train_clients} exceeds federation.num_clients={n}",
+            )
+        bad = [c for c in self.data.backdoor.clients if not 0 <= c < n]
+        if bad or len(set(self.data.backdoor.clients)) != len(self.data.backdoor.clients):
+            raise _KeyedError(
+                "data.backdoor.clients", f"{self.data.backdoor.clients}: distinct ids in 0..{n - 1}"
             )
         gone = self.federation.excluded_clients
         if any(c < 0 or c >= n for c in gone) or len(set(gone)) != len(gone) or len(gone) >= n:

@@ -38,6 +38,8 @@ def fit_metrics(pred: torch.Tensor, table: ExampleTable) -> dict[str, float | No
     - ``canary_acc``: share of inserted canary copies predicted as their random label.
     - ``audit_canary_acc`` (only when the run has audit canaries): the same for the audit
       canaries drawn into training.
+    - ``backdoor_fit`` (only with ``data.backdoor``): share of the poisoned rows predicted as
+      the backdoor's target.
     """
     on_obs = pred == table.y_obs
     out: dict[str, float | None] = {
@@ -50,6 +52,8 @@ def fit_metrics(pred: torch.Tensor, table: ExampleTable) -> dict[str, float | No
     audit_canary = table.is_audit_canary
     if bool(audit_canary.any()):
         out["audit_canary_acc"] = _share(audit_canary, on_obs)
+    if bool(table.is_backdoor.any()):
+        out["backdoor_fit"] = _share(table.is_backdoor, on_obs)
     return out
 
 
@@ -76,7 +80,16 @@ def evaluate_logits(
         "train_loss": float(F.cross_entropy(train_logits, table.y_obs)),
         **fit_metrics(train_logits.argmax(1), table),
     }
+    if len(table.backdoor_y_test):
+        row["backdoor_asr"] = backdoor_success(model, table, batch_size)
     return row, train_logits
+
+
+def backdoor_success(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> float:
+    """Attack success rate: share of triggered test examples (true label not the target)
+    predicted as the backdoor's target."""
+    pred = predict(model, table.backdoor_x_test, batch_size).argmax(1)
+    return float((pred == table.backdoor_target).float().mean())
 
 
 def diverged(model: nn.Module, row: Row) -> bool:

@@ -31,6 +31,7 @@ COLUMNS = (
     "forgotten_acc",
     "forgotten_mia_auc",
     "forgotten_exposure",
+    "backdoor_asr",
     "l2_to_retrain",
     "kl_to_retrain",
     "wall_s",

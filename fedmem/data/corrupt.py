@@ -1,4 +1,4 @@
-"""Corruptions with ground truth: label noise, outliers and canaries.
+"""Corruptions with ground truth: label noise, outliers, canaries and backdoors.
 
 Each function is pure given its numpy Generator: it returns the chosen indices / new arrays and
 leaves its inputs untouched, so the ExampleTable can record exactly what was done.
@@ -90,3 +90,14 @@ def place_canaries(
         chosen = rng.choice(canary_clients, size=holders, replace=False)
         out.append(np.resize(chosen, copies))
     return out
+
+
+def add_trigger(x: np.ndarray, width: int, strength: float) -> np.ndarray:
+    """BadNets-style trigger (Gu, Dolan-Gavitt, Garg 2017): the last ``width`` features of each
+    flattened input set to the fixed pattern ``+s, -s, +s, ...`` (``s = strength``; the data
+    are standardized, so ``s`` is in units of the data's std). Returns a new array."""
+    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1).copy()
+    if width > flat.shape[1]:
+        raise ValueError(f"trigger width {width} exceeds the {flat.shape[1]} input features")
+    flat[:, -width:] = strength * np.where(np.arange(width) % 2 == 0, 1.0, -1.0)
+    return flat.reshape(np.shape(x))

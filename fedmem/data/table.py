@@ -27,6 +27,7 @@ import torch
 
 from fedmem.config import ExperimentConfig, config_hash
 from fedmem.data import corrupt
+from fedmem.data.backdoor import apply_backdoor
 from fedmem.data.partition import partition
 from fedmem.data.sources import Source, load_source
 from fedmem.errors import ConfigError, DataError
@@ -37,6 +38,8 @@ AUDIT_POOL, AUDIT_CANARY = 0, 1  # ExampleTable.audit_kind
 # fields of an ExampleTable that must have equal lengths (a check of a cached table)
 _SAME_LENGTH = (
     ("x", "y_obs", "y_true", "is_noisy", "is_outlier", "is_canary", "canary_id", "client"),
+    ("x", "is_backdoor"),
+    ("backdoor_x_test", "backdoor_y_test"),
     ("x", "audit_id"),
     ("x_test", "y_test"),
     ("canary_ref_x", "canary_ref_y"),
@@ -77,6 +80,11 @@ class ExampleTable:
     heldout_y: torch.Tensor  # (H_rows,) observed labels (noise applied like everywhere)
     heldout_y_true: torch.Tensor
     heldout_client: torch.Tensor  # (H_rows,) int64, ids num_clients .. num_clients + H - 1
+    # backdoor (empty without data.backdoor.clients): poisoned rows and the triggered test set
+    is_backdoor: torch.Tensor  # (N,) bool, trigger added and label set to the target
+    backdoor_x_test: torch.Tensor  # test examples whose label is not the target, triggered
+    backdoor_y_test: torch.Tensor  # their true labels
+    backdoor_target: int  # the label the trigger maps to (-1: no backdoor)
 
     @property
     def ids(self) -> torch.Tensor:
@@ -97,7 +105,13 @@ class ExampleTable:
     @property
     def is_clean(self) -> torch.Tensor:
         """Regular examples: correct label, typical input, not a canary of either kind."""
-        return ~(self.is_noisy | self.is_outlier | self.is_canary | self.is_audit_canary)
+        return ~(
+            self.is_noisy
+            | self.is_outlier
+            | self.is_canary
+            | self.is_audit_canary
+            | self.is_backdoor
+        )
 
     @property
     def num_heldout_clients(self) -> int:
@@ -194,6 +208,9 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
     y_obs[noisy_idx] = corrupt.flip_labels(
         y_true[noisy_idx], num_classes, dc.noise.kind, np_rng(seed, "noise", "labels")
     )
+    is_backdoor, bd_x_test, bd_y_test = apply_backdoor(
+        cfg, parts, x, y_obs, is_outlier | is_noisy, src
+    )
 
     # audit split: membership candidates from the training clients, each kept w.p. 1/2
     split = _audit_split(cfg, client, num_classes, src.input_shape)
@@ -236,6 +253,7 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
         return torch.from_numpy(np.concatenate(arrays))
 
     false = np.zeros(m + ac_n, dtype=bool)
+    bd = dc.backdoor
     return ExampleTable(
         x=cat(x[kept], cx[copies].reshape(m, *src.input_shape), ac_x),
         y_obs=cat(y_obs[kept], cy[copies].astype(np.int64), ac_y),
@@ -269,6 +287,10 @@ def build_table(cfg: ExperimentConfig, source: Source | None = None) -> ExampleT
         heldout_y=torch.from_numpy(y_obs[is_held]),
         heldout_y_true=torch.from_numpy(y_true[is_held]),
         heldout_client=torch.from_numpy(client[is_held]),
+        is_backdoor=cat(is_backdoor[kept], false),
+        backdoor_x_test=torch.from_numpy(bd_x_test),
+        backdoor_y_test=torch.from_numpy(bd_y_test),
+        backdoor_target=bd.target if bd.clients else -1,
     )
 
 

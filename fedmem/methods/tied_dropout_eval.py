@@ -6,7 +6,8 @@
   few percent while clean training accuracy and test accuracy hold.
 - :func:`client_forgetting` (client-tied dropout, ours): switch off the memorization units of
   one client only and compare that client's training accuracy and membership-inference AUC
-  (loss threshold: its training rows vs as many test rows, :func:`fedmem.stats.roc_auc`)
+  (loss threshold: its training rows vs as many test rows,
+  :func:`fedmem.unlearning.evaluate.loss_auc`)
   before and after, next to the other clients' (whose units overlap the dropped ones at rate
   ``p_mem``).
 """
@@ -17,14 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedmem.data.table import ExampleTable
 from fedmem.models.tied_dropout import set_mode, tied_modules
 from fedmem.observer import evaluate_logits, predict
-from fedmem.seeding import np_rng
-from fedmem.stats import roc_auc
+from fedmem.unlearning.evaluate import loss_auc
 
 KEYS = ("test_acc", "train_acc_clean", "noisy_memorized", "noisy_true_acc", "canary_acc")
 
@@ -46,20 +45,6 @@ def mode_rows(model: nn.Module, table: ExampleTable, batch_size: int = 4096) -> 
     return out
 
 
-def _loss_auc(model: nn.Module, table: ExampleTable, rows: np.ndarray, seed: int) -> float:
-    """Loss-threshold membership AUC: ``rows`` (members) vs as many random test rows."""
-    test = np_rng(seed, "tied-dropout", "auc").choice(
-        len(table.y_test), size=min(len(rows), len(table.y_test)), replace=False
-    )
-    member = F.cross_entropy(predict(model, table.x[rows], 4096), table.y_obs[rows], reduction="none")
-    other = F.cross_entropy(
-        predict(model, table.x_test[test], 4096), table.y_test[test], reduction="none"
-    )
-    scores = -torch.cat([member, other]).numpy()
-    labels = np.r_[np.ones(len(member)), np.zeros(len(other))]
-    return roc_auc(scores, labels)
-
-
 def client_forgetting(
     model: nn.Module, table: ExampleTable, client: int, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -78,7 +63,7 @@ def client_forgetting(
                     "state": state,
                     "group": group,
                     "train_acc": float((pred[rows] == table.y_obs[rows]).float().mean()),
-                    "mia_auc": _loss_auc(model, table, rows, seed),
+                    "mia_auc": loss_auc(model, table, torch.from_numpy(rows), seed),
                 }
             )
     set_mode(model, "drop")

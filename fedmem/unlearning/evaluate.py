@@ -10,6 +10,8 @@ nothing (Halimi et al. 2022; Liu et al., "Learn to Forget").
   forgotten clients' rows against as many test rows, as a ROC AUC (0.5: no signal);
 - ``forgotten_exposure``: mean exposure (Carlini et al. 2019) of the canaries only the
   forgotten clients held (None without such canaries);
+- ``backdoor_asr``: the attack success rate of the run's backdoor (``data.backdoor``; the
+  triggered test examples predicted as its target), when it has one;
 - ``l2_to_retrain`` (weights) and ``kl_to_retrain`` (mean KL(retrain || model) of the
   predicted class distributions on the test set).
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmem.data.table import ExampleTable
-from fedmem.observer import predict
+from fedmem.observer import backdoor_success, predict
 from fedmem.privacy.audit.exposure import exposure
 from fedmem.seeding import np_rng
 from fedmem.stats import roc_auc
@@ -88,6 +90,7 @@ def measures(
         "remaining_acc": float((pred[~forgotten] == table.y_obs[~forgotten]).float().mean()),
         "forgotten_mia_auc": loss_auc(model, table, torch.nonzero(forgotten).flatten(), seed),
         "forgotten_exposure": forgotten_exposure(model, table, clients),
+        "backdoor_asr": backdoor_success(model, table) if len(table.backdoor_y_test) else None,
     }
     if retrained is not None:
         a = torch.cat(
