@@ -121,6 +121,31 @@ def plot(base: ExperimentConfig, rows: list[dict[str, Any]], out_dir: Any) -> li
 
     colors = {"test_acc": "b", "train_acc_clean": "g", "noisy_memorized": "r", "canary_acc": "m"}
     paths = []
+    populations = [r for r in rows if r["run"].endswith(" population")]
+    rows = [r for r in rows if not r["run"].endswith(" population")]
+    if populations:
+        series = {}
+        for name, color in zip(dict.fromkeys(r["run"] for r in populations), "bgkm", strict=False):
+            rr = [r for r in populations if r["run"] == name]
+            xs = [r["sparsity"] for r in rr]
+            series[f"{name}: PIE share"] = (xs, [r["pie_share"] for r in rr], f"{color}-")
+            series[f"{name}: enrichment mislabeled / 10"] = (
+                xs,
+                [
+                    None if r["enrichment_mislabeled"] is None else r["enrichment_mislabeled"] / 10
+                    for r in rr
+                ],
+                f"{color}--",
+            )
+        paths.append(
+            xy_lines(
+                series,
+                Path(out_dir) / "pies.png",
+                "sparsity (share of weights removed)",
+                "PIE share; mislabeled enrichment / 10",
+                "pruning-identified exemplars over populations (Hooker et al.)",
+            )
+        )
     for name in dict.fromkeys(r["run"] for r in rows):
         series = {}
         for method, style in (("magnitude", "-"), ("random", "--")):
