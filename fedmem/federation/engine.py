@@ -11,6 +11,8 @@
   :class:`~fedmem.federation.local_grid.LocalGrid` (no Ray): fast on one small machine.
 - ``federation.backend=batched``: the same ServerApp and strategies; all clients of a round are
   trained at once as stacked models (:class:`~fedmem.federation.batched_grid.BatchedGrid`).
+- Inside :func:`external_grid` (``flwr run``: :mod:`fedmem.flwr_app`) the same ServerApp logic
+  drives the Grid that Flower handed to the ServerApp; Flower runs the clients.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -28,9 +33,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
 
 from fedmem.federation.client_app import THREADS_ENV  # noqa: E402
-from fedmem.federation.server_app import FederatedJob, make_server_app  # noqa: E402
+from fedmem.federation.server_app import FederatedJob, make_server_app, run_job  # noqa: E402
 from fedmem.observer import stops_here  # noqa: E402
 
 
@@ -82,10 +88,30 @@ def run_federated(job: FederatedJob) -> EngineTiming:
     same ServerApp, the round's clients trained at once by :class:`BatchedGrid`.
     Results arrive through ``job`` (observer rows, client rows).
     """
+    grid = _EXTERNAL_GRID.get()
+    if grid is not None:  # flwr run: Flower's runtime, Flower's logging
+        t0 = time.perf_counter()
+        run_job(job, grid)
+        _check(job)
+        return EngineTiming(ray_start_s=0.0, simulation_s=time.perf_counter() - t0)
     _quiet_logs()
     if job.cfg.federation.backend in ("local", "batched"):
         return _run_local(job)
     return _run_ray(job)
+
+
+_EXTERNAL_GRID: ContextVar[Grid | None] = ContextVar("fedmem_external_grid", default=None)
+
+
+@contextmanager
+def external_grid(grid: Grid) -> Iterator[None]:
+    """Within: :func:`run_federated` runs its rounds through ``grid`` (a ServerApp's, under
+    ``flwr run``) instead of starting a simulation itself."""
+    token = _EXTERNAL_GRID.set(grid)
+    try:
+        yield
+    finally:
+        _EXTERNAL_GRID.reset(token)
 
 
 def _run_local(job: FederatedJob) -> EngineTiming:
