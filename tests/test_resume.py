@@ -151,7 +151,9 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, extra, run, ro
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_ctrl_c_exits_130_with_one_line_and_resumes(tmp_path, backend):
-    extra = [f"federation.backend={backend}"]
+    # 20 rounds: the interrupt (sent once round 2 is logged) must land before the run ends,
+    # also when a loaded machine delays this watcher (6 fast rounds raced it in CI)
+    extra = [f"federation.backend={backend}", "train.rounds=20"]
     ref_out, out = tmp_path / "ref", tmp_path / "int"
     assert _run(_cmd(tmp_path, str(ref_out), extra)).returncode == 0
     started = time.monotonic()
