@@ -2,11 +2,12 @@
 
 The workload of the issue: 100 IID MNIST-1D clients (4000 training examples), the default MLP,
 20 rounds, ``federation.backend=local``, central run included. For each thread setting
-(``train.threads=auto``, the default since issue 16, and ``train.threads=null``, torch's own
-count: the behaviour before), one run alone, then two runs with different seeds started at
-the same moment; wall seconds of each process. A setting "collapses" when the pair takes far
-longer than one alone (OpenMP threads spin-waiting on a descheduled sibling). Each run writes
-into its own temporary output folder (nothing cached between them).
+(``train.threads=auto``, the default since issue 16; ``train.threads=null``, torch's own
+count; and that with ``OMP_WAIT_POLICY=ACTIVE``: the behaviour before), one run alone, then
+two runs with different seeds started at the same moment; wall seconds of each process. A
+setting "collapses" when the pair takes far longer than one alone (OpenMP threads
+spin-waiting on a descheduled sibling). Each run writes into its own temporary output folder
+(nothing cached between them).
 
     python benchmarks/parallel_runs.py [--rounds 20] [--clients 100]
 
@@ -46,9 +47,12 @@ def command(out: Path, seed: int, threads: str, rounds: int, clients: int) -> li
     ]
 
 
-def timed(cmds: list[list[str]]) -> list[float]:
-    """Start every command at once; wall seconds of each."""
+def timed(cmds: list[list[str]], omp: str | None = None) -> list[float]:
+    """Start every command at once; wall seconds of each. ``omp``: OMP_WAIT_POLICY to set
+    (None: fedmem's default, PASSIVE)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if omp is not None:
+        env["OMP_WAIT_POLICY"] = omp
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     t0 = time.perf_counter()
     procs = [
@@ -78,24 +82,24 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        for threads in ("auto", "null"):
-            alone = timed(
-                [command(Path(tmp) / f"a-{threads}", 1, threads, args.rounds, args.clients)]
-            )
-            pair = timed(
-                [
-                    command(
-                        Path(tmp) / f"p{i}-{threads}", 2 + i, threads, args.rounds, args.clients
-                    )
-                    for i in range(2)
-                ]
-            )
-            results[threads] = {
+        # auto (default), torch's threads with passive OpenMP waits (fedmem's default policy),
+        # and torch's threads with spinning waits: the behaviour before issue 16
+        for threads, omp in (("auto", None), ("null", None), ("null", "ACTIVE")):
+            name = f"threads={threads}" + (f", OMP_WAIT_POLICY={omp}" if omp else "")
+            tag = f"{threads}-{omp}"
+            one = command(Path(tmp) / f"a-{tag}", 1, threads, args.rounds, args.clients)
+            alone = timed([one], omp)
+            two = [
+                command(Path(tmp) / f"p{i}-{tag}", 2 + i, threads, args.rounds, args.clients)
+                for i in range(2)
+            ]
+            pair = timed(two, omp)
+            results[name] = {
                 "alone_s": round(alone[0], 2),
                 "together_s": [round(t, 2) for t in pair],
                 "slowdown": round(max(pair) / alone[0], 2),
             }
-            print(threads, results[threads], flush=True)
+            print(name, results[name], flush=True)
     out = ROOT / "benchmarks" / "results" / "parallel_runs.json"
     out.write_text(
         json.dumps(
