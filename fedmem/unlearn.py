@@ -42,8 +42,9 @@ COLUMNS = (
 def settings(overrides: list[str]) -> dict:
     """``method.key=value`` overrides -> the methods' settings objects."""
     from fedmem.unlearning.ascent import AscentSettings
+    from fedmem.unlearning.federaser import FedEraserSettings
 
-    kinds = {"ascent": AscentSettings}
+    kinds = {"ascent": AscentSettings, "federaser": FedEraserSettings}
     values: dict[str, dict] = {m: {} for m in kinds}
     for item in overrides:
         key, sep, value = item.partition("=")

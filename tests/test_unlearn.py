@@ -40,11 +40,36 @@ def test_projection_keeps_parameters_in_the_ball():
     assert torch.equal(inside[0], torch.tensor([0.1, 0.0, 0.0]))
 
 
+def test_federaser_calibration_reproduces_a_hand_computed_step():
+    from fedmem.unlearning.federaser import aggregate, calibrate
+
+    # Eq. 4: the stored update's norm (5) in the calibration's direction (0, 1)
+    stored = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])}
+    cal = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0])}
+    out = calibrate(stored, cal)
+    assert torch.allclose(out["w"], torch.tensor([0.0, 5.0]))
+    assert torch.equal(out["b"], torch.tensor([0.0]))  # no calibration direction: no step
+    # Eq. 5: start + sum_k n_k / n * U_k (client sizes 1 and 3)
+    start = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(7)}
+    updates = {0: {"w": torch.tensor([2.0, 0.0])}, 4: {"w": torch.tensor([0.0, 4.0])}}
+    new = aggregate(start, updates, {0: 1.0, 4: 3.0})
+    assert torch.allclose(new["w"], torch.tensor([1.5, 4.0])) and new["n"] == 7
+
+
 def test_unlearn_retrain_and_ascent(tmp_path):
     run_dir = _run(tmp_path, "checkpoints.client_updates=true")
-    assert unlearn([str(run_dir), "--client", "1", "--method", "ascent", "ascent.epochs=2"]) == 0
+    args = ["--method", "ascent", "federaser", "ascent.epochs=2", "federaser.interval=1"]
+    assert unlearn([str(run_dir), "--client", "1", *args]) == 0
     result = json.loads((run_dir / "unlearning.json").read_text())
-    assert set(result["models"]) == {"federated", "federated-retrain-c1", "federated-ascent-c1"}
+    assert set(result["models"]) == {
+        "federated",
+        "federated-retrain-c1",
+        "federated-ascent-c1",
+        "federated-federaser-c1",
+    }
+    federaser = result["models"]["federated-federaser-c1"]
+    assert federaser["rounds"] == 2 and federaser["storage_bytes"] > 0
+    assert 0.0 <= federaser["test_acc"] <= 1.0 and federaser["l2_to_retrain"] > 0
     retrain = result["models"]["federated-retrain-c1"]
     assert retrain["l2_to_retrain"] == 0.0 and retrain["kl_to_retrain"] == pytest.approx(
         0, abs=1e-6

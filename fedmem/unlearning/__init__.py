@@ -8,7 +8,9 @@ model with what it cost:
   the same rounds and the remaining clients' same sampling (``federation.excluded_clients``):
   the gold standard every other method is judged against;
 - :mod:`~fedmem.unlearning.ascent`: projected gradient ascent on the client's data around the
-  model of the other clients, then a few FedAvg rounds without it (Halimi et al. 2022).
+  model of the other clients, then a few FedAvg rounds without it (Halimi et al. 2022);
+- :mod:`~fedmem.unlearning.federaser`: replay the stored rounds without the client, each
+  remaining client's stored update calibrated by a short local training (Liu et al. 2021).
 
 :mod:`~fedmem.unlearning.evaluate` measures every model side by side (forgetting, utility,
 distance to the retrained model, cost).
@@ -16,4 +18,4 @@ distance to the retrained model, cost).
 
 from __future__ import annotations
 
-METHODS = ("retrain", "ascent")
+METHODS = ("retrain", "ascent", "federaser")

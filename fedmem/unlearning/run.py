@@ -53,8 +53,8 @@ def _register(req: Request, res: Unlearned) -> str:
         base,
         name=name,
         checkpoint=checkpoint,
-        rounds=rounds if res.method == "retrain" else rounds + res.rounds,
-        parent=None if res.method == "retrain" else f"federated@{rounds}",
+        rounds=res.rounds if res.method != "ascent" else rounds + res.rounds,
+        parent=f"federated@{rounds}" if res.method == "ascent" else None,
         method=f"unlearn-{res.method}",
         details={"clients": list(req.clients), **res.details},
     )
@@ -86,6 +86,7 @@ def unlearn(
     from fedmem.runs.rundir import json_safe
     from fedmem.unlearning.ascent import ascent
     from fedmem.unlearning.evaluate import measures
+    from fedmem.unlearning.federaser import federaser
     from fedmem.unlearning.retrain import retrain
 
     run = open_run(run_dir)
@@ -97,6 +98,9 @@ def unlearn(
         if m == "ascent":
             console.print("ascent: projected gradient ascent, then FedAvg without the client(s)")
             results[m] = ascent(req, console, settings.get("ascent"))
+        elif m == "federaser":
+            console.print("federaser: replaying the stored rounds with calibrated updates")
+            results[m] = federaser(req, console, settings.get("federaser"))
     retrained = _model(req, results["retrain"].state)
     original = load_model(run, "federated", torch.device("cpu"))
     seed = run.cfg.seed
