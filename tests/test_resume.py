@@ -67,7 +67,15 @@ def _kill_when(cmd: list[str], out: Path, run: str, round_: int, sig: int) -> su
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.stdout", "w") as so, open(f"{out}.stderr", "w") as se:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=_env(), stdout=so, stderr=se, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=_env(),
+            stdout=so,
+            stderr=se,
+            start_new_session=True,
+            # a test run launched in the background (`cmd &`) inherits SIGINT ignored; the
+            # child must see Ctrl-C as a terminal user's process does
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -151,9 +159,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, extra, run, ro
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_ctrl_c_exits_130_with_one_line_and_resumes(tmp_path, backend):
-    # 20 rounds: the interrupt (sent once round 2 is logged) must land before the run ends,
-    # also when a loaded machine delays this watcher (6 fast rounds raced it in CI)
-    extra = [f"federation.backend={backend}", "train.rounds=20"]
+    extra = [f"federation.backend={backend}"]
     ref_out, out = tmp_path / "ref", tmp_path / "int"
     assert _run(_cmd(tmp_path, str(ref_out), extra)).returncode == 0
     started = time.monotonic()
