@@ -36,6 +36,7 @@ RECIPES = (
     "privacy_audit",
     "pruning_sweep",
     "resmem",
+    "unlearning",
 )
 
 Row = dict[str, Any]

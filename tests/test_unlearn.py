@@ -113,3 +113,22 @@ def test_bad_requests_exit_2(tmp_path, capsys):
     assert unlearn([str(run_dir), "--client", "1", "--method", "ascent"]) == 2
     assert "checkpoints.client_updates" in capsys.readouterr().err
     assert unlearn([str(tmp_path / "missing"), "--client", "1"]) == 2
+
+
+def test_unlearning_recipe(tmp_path):
+    import csv
+
+    extra = ["data.backdoor.clients=[2]", "federation.backend=local", "train.rounds=2"]
+    assert simulate([*small_overrides(tmp_path), *extra, "--recipe", "unlearning"]) == 0
+    (out,) = (tmp_path / "runs" / "recipes").glob("unlearning-*")
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == [
+        "federated",
+        "federated-retrain-c2",
+        "federated-ascent-c2",
+        "federated-federaser-c2",
+    ]
+    assert {r["client"] for r in rows} == {"2"}
+    assert all(0.0 <= float(r["backdoor_asr"]) <= 1.0 for r in rows)
+    assert float(rows[1]["l2_to_retrain"]) == 0.0
