@@ -24,19 +24,7 @@ from rich.table import Table
 from fedmem.errors import InputError
 from fedmem.progress import cli_console
 from fedmem.reporting.tables import cell
-
-COLUMNS = (
-    "test_acc",
-    "remaining_acc",
-    "forgotten_acc",
-    "forgotten_mia_auc",
-    "forgotten_exposure",
-    "backdoor_asr",
-    "l2_to_retrain",
-    "kl_to_retrain",
-    "wall_s",
-    "speed_up",
-)
+from fedmem.unlearning.evaluate import COLUMNS
 
 
 def settings(overrides: list[str]) -> dict:

@@ -18,22 +18,10 @@ from typing import Any
 from rich.console import Console
 
 from fedmem.config import ExperimentConfig, build, to_dict
+from fedmem.unlearning.evaluate import COLUMNS
 
 TITLE = "unlearning one client: every method against retraining without it"
 METHODS = ("ascent", "federaser")
-COLUMNS = (
-    "test_acc",
-    "remaining_acc",
-    "forgotten_acc",
-    "forgotten_mia_auc",
-    "forgotten_exposure",
-    "backdoor_asr",
-    "l2_to_retrain",
-    "kl_to_retrain",
-    "wall_s",
-    "rounds",
-    "speed_up",
-)
 
 
 def base_config(base: ExperimentConfig) -> ExperimentConfig:

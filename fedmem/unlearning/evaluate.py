@@ -32,6 +32,19 @@ from fedmem.seeding import np_rng
 from fedmem.stats import roc_auc
 
 BATCH = 4096
+COLUMNS = (  # what the CLI and the recipe show per model: the measures, then the cost
+    "test_acc",
+    "remaining_acc",
+    "forgotten_acc",
+    "forgotten_mia_auc",
+    "forgotten_exposure",
+    "backdoor_asr",
+    "l2_to_retrain",
+    "kl_to_retrain",
+    "wall_s",
+    "rounds",
+    "speed_up",
+)
 
 
 def loss_auc(model: nn.Module, table: ExampleTable, rows: torch.Tensor, seed: int) -> float:
