@@ -8,6 +8,10 @@ nothing (Halimi et al. 2022; Liu et al., "Learn to Forget").
   clients' rows / on every other client's rows; ``test_acc``;
 - ``forgotten_mia_auc``: loss-threshold membership inference (Yeom et al. 2018), the
   forgotten clients' rows against as many test rows, as a ROC AUC (0.5: no signal);
+- ``forgotten_lira_auc``, ``forgotten_lira_tpr_at_1pct_fpr``, ``forgotten_client_auc``,
+  ``forgotten_client_llr``: LiRA (Carlini et al. 2022) and client-level inference on the
+  forgotten clients against the held-out clients, with the audit's client-level shadows
+  (:mod:`fedmem.unlearning.inference`; None without ``audit.heldout_clients``);
 - ``forgotten_exposure``: mean exposure (Carlini et al. 2019) of the canaries only the
   forgotten clients held (None without such canaries);
 - ``backdoor_asr``: the attack success rate of the run's backdoor (``data.backdoor``; the
@@ -37,6 +41,10 @@ COLUMNS = (  # what the CLI and the recipe show per model: the measures, then th
     "remaining_acc",
     "forgotten_acc",
     "forgotten_mia_auc",
+    "forgotten_lira_auc",  # LiRA and client-level inference: fedmem.unlearning.inference
+    "forgotten_lira_tpr_at_1pct_fpr",
+    "forgotten_client_auc",
+    "forgotten_client_llr",
     "forgotten_exposure",
     "backdoor_asr",
     "l2_to_retrain",

@@ -87,6 +87,7 @@ def unlearn(
     from fedmem.unlearning.ascent import ascent
     from fedmem.unlearning.evaluate import measures
     from fedmem.unlearning.federaser import federaser
+    from fedmem.unlearning.inference import forgotten_inference_for
     from fedmem.unlearning.retrain import retrain
 
     run = open_run(run_dir)
@@ -104,13 +105,20 @@ def unlearn(
     retrained = _model(req, results["retrain"].state)
     original = load_model(run, "federated", torch.device("cpu"))
     seed = run.cfg.seed
+    # LiRA and client-level inference on the forgotten clients: the audit's client shadows
+    inference = forgotten_inference_for(run, req.clients, console)
     rows: dict[str, dict[str, Any]] = {
-        "federated": measures(original, run.table, req.clients, retrained, seed)
+        "federated": {
+            **measures(original, run.table, req.clients, retrained, seed),
+            **inference.measure(original),
+        }
     }
     for res in results.values():
         name = _register(req, res)
+        model = _model(req, res.state)
         rows[name] = {
-            **measures(_model(req, res.state), run.table, req.clients, retrained, seed),
+            **measures(model, run.table, req.clients, retrained, seed),
+            **inference.measure(model),
             "wall_s": res.wall_s,
             "rounds": res.rounds,
             "speed_up": results["retrain"].wall_s / res.wall_s if res.wall_s > 0 else None,
@@ -121,6 +129,7 @@ def unlearn(
             "clients": list(req.clients),
             "models": rows,
             "details": {m: r.details for m, r in results.items()},
+            "inference": inference.details(),
         }
     )
     out["removed_client_state"] = forget_private_state(req)
