@@ -486,11 +486,30 @@ class ELRConfig(_Section):
     )
 
 
+class ForgetGeneratorConfig(_Section):
+    """Per-client dummy-gradient generators for unlearning ("Learn to Forget", Liu et al.
+    2020; :mod:`fedmem.methods.forget_generator`): trained by every sampled client each round,
+    kept in the client's state, used by ``python -m fedmem.unlearn --method generator``."""
+
+    enabled: bool = Field(False, description="every client trains a generator (federated run)")
+    layers: int = Field(1, ge=1, description="dummy gradients for the model's last N layers")
+    hidden: int = Field(64, ge=1, description="the generator's hidden width")
+    lr: float = Field(1e-3, gt=0.0, description="the generator's Adam learning rate")
+    steps_per_round: int = Field(5, ge=0, description="generator steps per training round")
+    step_size: float = Field(1.0, gt=0.0, description="SGD step that applies a dummy gradient")
+    reference: int = Field(256, ge=2, description="public non-member test rows (same for all)")
+    damage_bound: float = Field(
+        0.01, ge=0.0, description="KL on the reference rows allowed before the penalty"
+    )
+    damage_weight: float = Field(10.0, ge=0.0, description="weight of the damage penalty")
+
+
 class PluginsConfig(_Section):
     """Training plug-ins (:mod:`fedmem.methods`). Built-in ones get their own section here as
     they arrive; FedProx's term is ``train.proximal_mu``."""
 
     elr: ELRConfig = ELRConfig()
+    forget_generator: ForgetGeneratorConfig = ForgetGeneratorConfig()
     external: list[str] = Field(
         default_factory=list,
         description="extra plug-ins as 'package.module:Class' (fedmem.methods.Plugin subclasses)",

@@ -31,8 +31,13 @@ def settings(overrides: list[str]) -> dict:
     """``method.key=value`` overrides -> the methods' settings objects."""
     from fedmem.unlearning.ascent import AscentSettings
     from fedmem.unlearning.federaser import FedEraserSettings
+    from fedmem.unlearning.generator import GeneratorSettings
 
-    kinds = {"ascent": AscentSettings, "federaser": FedEraserSettings}
+    kinds = {
+        "ascent": AscentSettings,
+        "federaser": FedEraserSettings,
+        "generator": GeneratorSettings,
+    }
     values: dict[str, dict] = {m: {} for m in kinds}
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -55,6 +55,12 @@ def unsupported(cfg: ExperimentConfig) -> tuple[str, str] | None:
             "ELR is not supported by federation.backend=batched (clients train on the "
             f"cross-entropy and FedProx's term only); set plugins.elr.runs=central {_USE_LOCAL}",
         )
+    if cfg.plugins.forget_generator.enabled:
+        return (
+            "plugins.forget_generator.enabled",
+            "per-client generators are not supported by federation.backend=batched (it runs no "
+            f"plug-in hooks); set plugins.forget_generator.enabled=false {_USE_LOCAL}",
+        )
     if cfg.plugins.external:
         return (
             "plugins.external",

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 from fedmem.errors import ConfigError
 from fedmem.methods.base import Plugin
 from fedmem.methods.elr import ELR
+from fedmem.methods.forget_generator import ForgetGenerator
 from fedmem.methods.proximal import Proximal
 from fedmem.methods.tied_dropout import TiedDropoutPlugin
 
 if TYPE_CHECKING:
     from fedmem.config import ExperimentConfig
 
-BUILTIN: tuple[type[Plugin], ...] = (Proximal, ELR, TiedDropoutPlugin)
+BUILTIN: tuple[type[Plugin], ...] = (Proximal, ELR, TiedDropoutPlugin, ForgetGenerator)
 RUNS = ("central", "federated")
 
 

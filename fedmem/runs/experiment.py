@@ -216,7 +216,7 @@ def run_experiment(
     summary["checkpoints"] = checkpoint_summary(cfg, rd, ckpts)
     rd.write_json("summary.json", summary)
     render_report(rd.path)
-    rd.finish()
+    rd.finish(keep_client_state=cfg.plugins.forget_generator.enabled)
     return summary
 
 

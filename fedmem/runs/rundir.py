@@ -259,14 +259,15 @@ class RunDir:
         """The final weights of model ``run`` (FileNotFoundError if absent)."""
         return torch.load(self.checkpoint_path(run), map_location="cpu", weights_only=True)
 
-    def finish(self) -> None:
+    def finish(self, keep_client_state: bool = False) -> None:
         """Mark the run complete; call last, after every result file is written. Working
         files that only served a resume (resume states, client state files, per-round
-        trajectories) are removed first."""
-        for leftover in (
-            self.partial_dir,
-            self.path / "client_state",
-            self.path / "checkpoints" / "resume",
-        ):
+        trajectories) are removed first. ``keep_client_state``: the clients' state files stay
+        (they hold what a client needs later, e.g. its unlearning generator: the files stand
+        for the client's own device)."""
+        leftovers = [self.partial_dir, self.path / "checkpoints" / "resume"]
+        if not keep_client_state:
+            leftovers.append(self.path / "client_state")
+        for leftover in leftovers:
             shutil.rmtree(leftover, ignore_errors=True)
         atomic_write_text(self.path / COMPLETE, "")

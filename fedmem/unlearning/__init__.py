@@ -10,7 +10,10 @@ model with what it cost:
 - :mod:`~fedmem.unlearning.ascent`: projected gradient ascent on the client's data around the
   model of the other clients, then a few FedAvg rounds without it (Halimi et al. 2022);
 - :mod:`~fedmem.unlearning.federaser`: replay the stored rounds without the client, each
-  remaining client's stored update calibrated by a short local training (Liu et al. 2021).
+  remaining client's stored update calibrated by a short local training (Liu et al. 2021);
+- :mod:`~fedmem.unlearning.generator`: the client's own dummy-gradient generator, trained
+  during the run, submits one step that makes its data look unseen ("Learn to Forget", Liu
+  et al. 2020).
 
 :mod:`~fedmem.unlearning.evaluate` measures every model side by side (forgetting, utility,
 distance to the retrained model, cost).
@@ -18,4 +21,4 @@ distance to the retrained model, cost).
 
 from __future__ import annotations
 
-METHODS = ("retrain", "ascent", "federaser")
+METHODS = ("retrain", "ascent", "federaser", "generator")

@@ -132,7 +132,7 @@ def ascent(req: Request, console, settings: AscentSettings | None = None) -> Unl
             steps += 1
         acc = _accuracy(model, x, y)
     ascent_s = time.perf_counter() - t0
-    state = _post_train(req, model.state_dict(), s.post_rounds)
+    state = post_train(req, model.state_dict(), s.post_rounds)
     log = UpdateLog(req.rd.path)
     return Unlearned(
         "ascent",
@@ -157,7 +157,7 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return float((model(x).argmax(1) == y).float().mean()) if len(y) else 0.0
 
 
-def _post_train(
+def post_train(
     req: Request, state: dict[str, torch.Tensor], rounds: int
 ) -> dict[str, torch.Tensor]:
     """Step 4: ``rounds`` federated rounds R+1.. without the forgotten clients."""

@@ -14,6 +14,9 @@ nothing (Halimi et al. 2022; Liu et al., "Learn to Forget").
   (:mod:`fedmem.unlearning.inference`; None without ``audit.heldout_clients``);
 - ``forgotten_exposure``: mean exposure (Carlini et al. 2019) of the canaries only the
   forgotten clients held (None without such canaries);
+- ``forgetting_rate``: of the forgotten clients' rows that Yeom et al.'s threshold oracle
+  judged members of the original model, the share it judges non-members of this one ("Learn
+  to Forget", Liu et al. 2020);
 - ``backdoor_asr``: the attack success rate of the run's backdoor (``data.backdoor``; the
   triggered test examples predicted as its target), when it has one;
 - ``l2_to_retrain`` (weights) and ``kl_to_retrain`` (mean KL(retrain || model) of the
@@ -41,6 +44,7 @@ COLUMNS = (  # what the CLI and the recipe show per model: the measures, then th
     "remaining_acc",
     "forgotten_acc",
     "forgotten_mia_auc",
+    "forgetting_rate",
     "forgotten_lira_auc",  # LiRA and client-level inference: fedmem.unlearning.inference
     "forgotten_lira_tpr_at_1pct_fpr",
     "forgotten_client_auc",
@@ -95,12 +99,32 @@ def forgotten_exposure(
     return float(np.mean(exposure(losses.numpy(), ref.numpy())))
 
 
+def yeom_members(model: nn.Module, table: ExampleTable, clients: tuple[int, ...]) -> torch.Tensor:
+    """The membership oracle of the forgetting rate: Yeom et al. 2018's threshold attack with
+    the model's expected training loss as threshold (their Sec. 3.2), here its mean loss on the
+    remaining clients' rows (training data of every compared model). (n_forgotten,) bool:
+    each of the forgotten clients' rows judged a member (loss <= threshold)."""
+    forgotten = torch.isin(table.client, torch.tensor(clients))
+    losses = F.cross_entropy(predict(model, table.x, BATCH), table.y_obs, reduction="none")
+    return losses[forgotten] <= losses[~forgotten].mean()
+
+
+def forgetting_rate(before: torch.Tensor, after: torch.Tensor) -> float | None:
+    """"Learn to Forget"'s forgetting rate (Liu et al. 2020): the share of the examples a
+    membership oracle judged members before unlearning (``before``, bool) that it judges
+    non-members after (``after``); None when none was judged a member before."""
+    if not bool(before.any()):
+        return None
+    return float((before & ~after).sum() / before.sum())
+
+
 def measures(
     model: nn.Module,
     table: ExampleTable,
     clients: tuple[int, ...],
     retrained: nn.Module | None,
     seed: int = 0,
+    original: nn.Module | None = None,
 ) -> dict[str, Any]:
     forgotten = torch.isin(table.client, torch.tensor(clients))
     pred = predict(model, table.x, BATCH).argmax(1)
@@ -113,6 +137,9 @@ def measures(
         "forgotten_exposure": forgotten_exposure(model, table, clients),
         "backdoor_asr": backdoor_success(model, table) if len(table.backdoor_y_test) else None,
     }
+    if original is not None:
+        before = yeom_members(original, table, clients)
+        out["forgetting_rate"] = forgetting_rate(before, yeom_members(model, table, clients))
     if retrained is not None:
         a = torch.cat(
             [p.detach().reshape(-1) for p in model.state_dict().values() if p.is_floating_point()]

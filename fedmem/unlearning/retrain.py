@@ -25,6 +25,8 @@ def retrain(req: Request, console: Console) -> Unlearned:
         {*raw["federation"]["excluded_clients"], *req.clients}
     )
     raw["output"]["name"] = f"{req.cfg.output.name}-retrain"
+    # the clients' unlearning generators never touch the model: not needed, not timed
+    raw["plugins"]["forget_generator"]["enabled"] = False
     from fedmem.runs.experiment import run_or_load
 
     t0 = time.perf_counter()

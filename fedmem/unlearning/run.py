@@ -40,6 +40,9 @@ def _check(run: Any, clients: tuple[int, ...], methods: list[str]) -> None:
         raise InputError(f"--method: unknown {unknown}; allowed: {', '.join(METHODS)}")
 
 
+CONTINUE = ("ascent", "generator")  # methods that continue from the final global model
+
+
 def _register(req: Request, res: Unlearned) -> str:
     from fedmem.runs.checkpoints import save_atomic
     from fedmem.runs.records import add_model, read_records
@@ -53,13 +56,23 @@ def _register(req: Request, res: Unlearned) -> str:
         base,
         name=name,
         checkpoint=checkpoint,
-        rounds=res.rounds if res.method != "ascent" else rounds + res.rounds,
-        parent=f"federated@{rounds}" if res.method == "ascent" else None,
+        rounds=rounds + res.rounds if res.method in CONTINUE else res.rounds,
+        parent=f"federated@{rounds}" if res.method in CONTINUE else None,
         method=f"unlearn-{res.method}",
         details={"clients": list(req.clients), **res.details},
     )
     add_model(req.rd, record, {"rounds": record.rounds})
     return name
+
+
+def warm_up() -> None:
+    """Pay torch's one-time lazy imports before any method is timed: the first optimizer step
+    of a process imports ``torch._dynamo`` (1-2 s here), which would land on whichever method
+    happens to run first."""
+    layer = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    layer(torch.zeros(1, 1)).sum().backward()
+    optimizer.step()
 
 
 def forget_private_state(req: Request) -> list[str]:
@@ -87,12 +100,14 @@ def unlearn(
     from fedmem.unlearning.ascent import ascent
     from fedmem.unlearning.evaluate import measures
     from fedmem.unlearning.federaser import federaser
+    from fedmem.unlearning.generator import generator
     from fedmem.unlearning.inference import forgotten_inference_for
     from fedmem.unlearning.retrain import retrain
 
     run = open_run(run_dir)
     _check(run, clients, methods)
     req = Request(run.rd, run.cfg, run.table, tuple(sorted(set(clients))))
+    warm_up()
     console.print(f"retraining without client(s) {list(req.clients)} (the reference)")
     results = {"retrain": retrain(req, console)}
     for m in dict.fromkeys(methods):
@@ -102,6 +117,9 @@ def unlearn(
         elif m == "federaser":
             console.print("federaser: replaying the stored rounds with calibrated updates")
             results[m] = federaser(req, console, settings.get("federaser"))
+        elif m == "generator":
+            console.print("generator: the client's dummy-gradient generator submits its step")
+            results[m] = generator(req, console, settings.get("generator"))
     retrained = _model(req, results["retrain"].state)
     original = load_model(run, "federated", torch.device("cpu"))
     seed = run.cfg.seed
@@ -117,7 +135,7 @@ def unlearn(
         name = _register(req, res)
         model = _model(req, res.state)
         rows[name] = {
-            **measures(model, run.table, req.clients, retrained, seed),
+            **measures(model, run.table, req.clients, retrained, seed, original),
             **inference.measure(model),
             "wall_s": res.wall_s,
             "rounds": res.rounds,
