@@ -2,7 +2,8 @@
 (:mod:`fedmem.unlearning`; issue 15).
 
 The base experiment is trained once with the clients' updates stored
-(``checkpoints.client_updates``); the forgotten client is the base config's first backdoor
+(``checkpoints.client_updates``) and every client training its unlearning generator
+(``plugins.forget_generator``); the forgotten client is the base config's first backdoor
 client (``data.backdoor.clients``), else the client holding the most canaries alone, else 0.
 Then :func:`fedmem.unlearning.run.unlearn` runs ``retrain`` and every method of
 :data:`METHODS` with default settings, adds their models to the run, and one row per model
@@ -21,13 +22,14 @@ from fedmem.config import ExperimentConfig, build, to_dict
 from fedmem.unlearning.evaluate import COLUMNS
 
 TITLE = "unlearning one client: every method against retraining without it"
-METHODS = ("ascent", "federaser")
+METHODS = ("ascent", "federaser", "generator")
 
 
 def base_config(base: ExperimentConfig) -> ExperimentConfig:
     raw = to_dict(base)
     raw["federation"]["enabled"] = True
     raw["checkpoints"]["client_updates"] = True
+    raw["plugins"]["forget_generator"]["enabled"] = True  # the clients train their generators
     raw["analysis"]["gradients"]["enabled"] = False
     return build(raw)
 
@@ -49,16 +51,13 @@ def forgotten_client(cfg: ExperimentConfig, table: Any) -> int:
 def run(base: ExperimentConfig, console: Console, force: bool = False) -> list[dict[str, Any]]:
     from fedmem.data.table import cached_table
     from fedmem.runs.experiment import run_or_load
-    from fedmem.unlearning.ascent import AscentSettings
-    from fedmem.unlearning.federaser import FedEraserSettings
     from fedmem.unlearning.run import unlearn
 
     cfg = base_config(base)
     rd, _ = run_or_load(cfg, console, force)
     client = forgotten_client(cfg, cached_table(cfg))
     console.rule(f"forgetting client {client}")
-    settings = {"ascent": AscentSettings(), "federaser": FedEraserSettings()}
-    result = unlearn(rd.path, (client,), list(METHODS), settings, console)
+    result = unlearn(rd.path, (client,), list(METHODS), {}, console)
     return [
         {"model": name, "client": client, **{c: r.get(c) for c in COLUMNS}}
         for name, r in result["models"].items()

@@ -128,6 +128,7 @@ def test_unlearning_recipe(tmp_path):
         "federated-retrain-c2",
         "federated-ascent-c2",
         "federated-federaser-c2",
+        "federated-generator-c2",
     ]
     assert {r["client"] for r in rows} == {"2"}
     assert all(0.0 <= float(r["backdoor_asr"]) <= 1.0 for r in rows)
