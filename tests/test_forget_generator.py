@@ -147,6 +147,8 @@ def test_generator_run_unlearn_and_private_state(tmp_path):
     assert left == ["client-0", "client-2", "client-3"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["models"]["federated-generator-c1"]["parent"] == "federated@2"
+    report = (run_dir / "report.md").read_text()
+    assert "## Unlearning" in report and "| federated-generator-c1 |" in report
     # asking again: its generator is gone
     assert unlearn([str(run_dir), "--client", "1", "--method", "generator"]) == 2
 

@@ -245,6 +245,7 @@ def render_report(run_dir: str | Path) -> Path:
         if hist:
             out += [f"![memorization scores]({hist})", ""]
     out += _audit_md(run_dir)
+    out += _unlearning_md(summary)
     atomic_write_text(run_dir / "report.md", "\n".join(out) + "\n")
     return run_dir / "report.md"
 
@@ -335,6 +336,37 @@ def _audit_md(run_dir: Path) -> list[str]:
     for name, plot in (result.get("plots") or {}).items():
         what = "canary exposure" if name == "exposure" else f"membership inference ROC, {name}"
         out += [f"![{what}]({plot})", ""]
+    return out
+
+
+def _unlearning_md(summary: dict[str, Any]) -> list[str]:
+    """One table per ``python -m fedmem.unlearn`` request (``summary["unlearning"]``)."""
+    requests = summary.get("unlearning") or {}
+    if not requests:
+        return []
+    from fedmem.unlearning.evaluate import COLUMNS
+
+    out = [
+        "## Unlearning",
+        "",
+        "Each method's model beside the original and the model retrained without the "
+        "client(s) (the reference: forgetting is good when a measure matches retrain's, not when "
+        "it falls below it). Membership inference on the forgotten rows: loss threshold "
+        "(Yeom et al. 2018) AUC against test rows, LiRA (Carlini et al. 2022) against held-out "
+        "clients' rows; forgetting rate: members before (Yeom's oracle) judged non-members "
+        "after (Liu et al. 2020); canary exposure; backdoor attack success; L2 / KL to retrain; "
+        "wall seconds and speed-up against retraining (`unlearning.json` has the details).",
+        "",
+    ]
+    for tag, rows in requests.items():
+        out += [
+            f"### Forgetting client(s) {tag[1:].replace('-', ', ')}",
+            "",
+            md_table(
+                ["model", *COLUMNS], [[n, *(r.get(c) for c in COLUMNS)] for n, r in rows.items()]
+            ),
+            "",
+        ]
     return out
 
 

@@ -96,6 +96,7 @@ def unlearn(
     run_dir: Path, clients: tuple[int, ...], methods: list[str], settings: dict, console: Console
 ) -> dict[str, Any]:
     from fedmem.privacy.audit.records import load_model, open_run
+    from fedmem.reporting.report import render_report
     from fedmem.runs.rundir import json_safe
     from fedmem.unlearning.ascent import ascent
     from fedmem.unlearning.evaluate import measures
@@ -155,4 +156,5 @@ def unlearn(
     summary = run.rd.read_summary()
     summary.setdefault("unlearning", {})[req.tag] = rows
     run.rd.write_json("summary.json", json_safe(summary))
+    render_report(run.rd.path)
     return out
