@@ -88,6 +88,7 @@ def test_unlearn_reports_lira_and_client_inference(tmp_path):
     assert unlearn([str(run_dir), "--client", "1", "--method", "ascent", "ascent.epochs=2"]) == 0
     result = json.loads((run_dir / "unlearning.json").read_text())
     assert result["inference"]["shadows"] == 16 and result["inference"]["heldout_clients"] == 2
+    assert result["inference"]["not_simulated"] == []  # plain FedAvg: the shadows' recipe
     models = result["models"]
     assert set(models) == {"federated", "federated-retrain-c1", "federated-ascent-c1"}
     for row in models.values():

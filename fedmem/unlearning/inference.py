@@ -44,7 +44,11 @@ method's values match the retrained model's, not when they are lower (see
 :mod:`fedmem.unlearning.evaluate`). Shadows are trained from scratch like the original model;
 a derived model (ascent) is scored against the same Gaussians, so a value away from
 retraining's in either direction is a model that does not look retrained. Without held-out
-clients or client shadows the columns are None and the console names the keys to set.
+clients or client shadows the columns are None and the console names the keys to set. What
+the original's training did that the shadows do not simulate (DP-SGD, DP-FedAvg, plug-ins:
+:func:`fedmem.runs.records.deviations`, as the audit lists them) is printed and kept in
+``unlearning.json["inference"]["not_simulated"]``: LiRA's Gaussians then come from differently
+trained models, and the measures compare the methods with retraining, nothing more.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class ForgottenInference:
     shadows: int
     train_s: float
     batch_size: int
+    not_simulated: tuple[str, ...] = ()  # what the target's training did that shadows do not
 
     def scores(self, model: nn.Module) -> np.ndarray:
         """LiRA online scores (n,) of ``model`` on the rows (``self.client`` says whose)."""
@@ -135,6 +140,7 @@ class ForgottenInference:
             "heldout_clients": len(self.heldout),
             "fixed_variance": self.fixed_variance,
             "train_s": round(self.train_s, 2),
+            "not_simulated": list(self.not_simulated),
         }
 
 
@@ -144,7 +150,9 @@ def forgotten_inference_for(
     """Train the client-level shadows of ``run`` (an
     :class:`~fedmem.privacy.audit.records.AuditedRun`) once and score their rows; without
     held-out clients or client shadows, an unavailable one and a console note."""
+    from fedmem.ensemble import SIMULATED_PLUGINS
     from fedmem.privacy.audit.engine import train_client_shadows
+    from fedmem.runs.records import deviations
 
     cfg, table = run.cfg, run.table
     bs = cfg.train.eval_batch_size
@@ -156,6 +164,9 @@ def forgotten_inference_for(
         return ForgottenInference(
             clients, empty, empty, np.empty(0), np.empty(0), empty, empty, False, 0, 0.0, bs
         )
+    not_simulated = tuple(deviations(run.records["federated"], "fedavg", SIMULATED_PLUGINS))
+    if not_simulated:  # e.g. DP-SGD: non-private shadows, their Gaussians miss private targets
+        console.print(f"[yellow]client shadows for LiRA[/]: {'; '.join(not_simulated)}")
     t0 = time.perf_counter()
     sh, data, masks = train_client_shadows(run, "federated", console)
     ordinary = torch.cat(
@@ -177,4 +188,5 @@ def forgotten_inference_for(
         shadows=len(sh),
         train_s=time.perf_counter() - t0,
         batch_size=bs,
+        not_simulated=not_simulated,
     )
