@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedmem import config
 from fedmem.errors import ConfigError
-from fedmem.federation.batched_grid import HeldArray, held_record, npy_header
+from fedmem.federation.arrays import HeldArray, held_record, npy_header
 from fedmem.federation.batched_support import STRATEGIES
 from fedmem.federation.batched_train import train_clients
 from fedmem.federation.engine import run_federated

@@ -24,83 +24,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from io import BytesIO
 from uuid import uuid4
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SType
 
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable
 from fedmem.federation import client_app
+from fedmem.federation.arrays import held_record
 from fedmem.federation.batched_train import train_clients
 from fedmem.federation.client_state import current_state, save_state
 from fedmem.federation.local_grid import LocalGrid
 from fedmem.methods import build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import experiment_model
-
-
-class HeldArray(Array):
-    """An :class:`flwr.app.Array` made in memory from an ndarray it keeps (not a copy: the
-    caller hands it over and does not change it). ``data`` is exactly the bytes
-    ``Array(ndarray)`` holds (``np.save`` format), made on first access (in one process nothing
-    reads it: messages are not serialized); :meth:`numpy` returns a copy of the values instead
-    of parsing ``data`` (the parse dominates the cost of aggregating many small arrays)."""
-
-    def __init__(self, values: np.ndarray):  # noqa: D107 (the fields as Array's)
-        if not values.flags.c_contiguous:
-            values = values.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
-        # the fields Array.__init__ sets, without its argument dispatch; data comes on demand
-        self.__dict__.update(
-            dtype=str(values.dtype),
-            shape=tuple(int(d) for d in values.shape),
-            stype=SType.NUMPY,
-            _values=values,
-        )
-
-    @property  # type: ignore[override]
-    def data(self) -> bytes:  # the np.save bytes of the values
-        d = self.__dict__
-        if "_data" not in d:
-            values = d["_values"]
-            d["_data"] = b"".join((npy_header(values.dtype, values.shape), values.data))
-        return d["_data"]
-
-    @data.setter
-    def data(self, value: bytes) -> None:  # new bytes replace the values
-        self.__dict__["_data"] = value
-        self.__dict__.pop("_values", None)
-
-    def numpy(self) -> np.ndarray:
-        values = self.__dict__.get("_values")
-        return values.copy() if values is not None else super().numpy()
-
-
-_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The ``np.save`` header of an array of this dtype and shape (cached)."""
-    key = (np.dtype(dtype).str, tuple(shape))
-    if key not in _headers:
-        buf = BytesIO()
-        np.save(buf, np.zeros(shape, dtype=dtype), allow_pickle=False)
-        data = buf.getvalue()
-        _headers[key] = data[: len(data) - np.zeros(shape, dtype=dtype).nbytes]
-    return _headers[key]
-
-
-def held_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord of CPU tensors, as ``ArrayRecord(state)`` holds them (same keys, order and
-    bytes), built from :class:`HeldArray` values."""
-    record = ArrayRecord()
-    for name, t in state.items():
-        record[name] = HeldArray(t.detach().numpy())
-    return record
 
 
 class BatchedGrid(LocalGrid):

@@ -14,6 +14,10 @@ Message handlers:
 - ``train``: local training from the received global model; reply with weights and metrics.
   A pruned global model carries its masks as buffers (:mod:`fedmem.methods.pruning`): the
   client trains only the surviving weights (re-zeroed after every step).
+
+A client process (a Ray actor, or the driver with ``backend=local``) keeps one dense model and
+reloads it for every client it runs (:func:`reusable` says when), instead of building one per
+message.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import os
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fedmem import config as config_mod
 from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
+from fedmem.federation.arrays import record_of, replies_in_process, state_dict_of
 from fedmem.federation.client_state import current_state, save_state
 from fedmem.methods import RoundContext, build_plugins
 from fedmem.methods.base import plugin_metrics
-from fedmem.methods.pruning import MaskPlugin, load_pruned
+from fedmem.methods.pruning import MaskPlugin, load_pruned, masks_in_state
 from fedmem.models.factory import experiment_model, resolve_device
 from fedmem.seeding import np_rng
 from fedmem.train import keyed_order, train_epochs
@@ -41,6 +47,7 @@ app = ClientApp()
 
 THREADS_ENV = "FEDMEM_CLIENT_THREADS"
 _cache: dict[str, tuple[ExperimentConfig, ExampleTable]] = {}
+_models: dict[tuple[str, str], nn.Module] = {}  # (experiment JSON, device): a model to reuse
 
 
 class InjectedClientFailure(RuntimeError):
@@ -52,6 +59,7 @@ def experiment(text: str) -> tuple[ExperimentConfig, ExampleTable]:
     if text not in _cache:
         cfg = config_mod.build(json.loads(text))
         _cache.clear()
+        _models.clear()
         _cache[text] = (cfg, cached_table(cfg))
     return _cache[text]
 
@@ -60,6 +68,16 @@ def fails(cfg: ExperimentConfig, round_: int, partition_id: int) -> bool:
     """Whether this client fails this round (seeded, so reruns fail the same clients)."""
     rate = cfg.federation.client_failure_rate
     return rate > 0 and np_rng(cfg.seed, "failure", round_, partition_id).random() < rate
+
+
+def reusable(cfg: ExperimentConfig, plugins: list, masks: dict, dp: object) -> bool:
+    """Whether a client's model may train the next client (loading its global weights) instead
+    of a freshly built one: when everything the model carries between calls is in its state
+    dict. Not with training plug-ins (they may wrap or mark the model), pruning masks (buffers
+    attached per message), record-level DP (Opacus) or tied dropout (its modules count steps).
+    Building a model draws its initial weights from torch's global RNG, which nothing in a
+    client's training reads (every random stream is keyed), so reuse changes no result."""
+    return not plugins and not masks and dp is None and cfg.model.dropout.kind == "none"
 
 
 def client_device(cfg: ExperimentConfig) -> torch.device:
@@ -89,10 +107,19 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(int(threads))
     device = client_device(cfg)
 
-    model = experiment_model(cfg, table.input_shape, table.num_classes)
+    received = state_dict_of(msg.content["arrays"])
     # a pruned global model carries its masks: train only the surviving weights
-    masks = load_pruned(model, msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
+    masks = masks_in_state(received)
+    # a dense model is kept per process and reloaded for the next client (see reusable();
+    # popped, so two calls never share one)
+    model_key = (str(conf["experiment"]), str(device))
+    model = None if masks else _models.pop(model_key, None)
+    if model is None:
+        model = experiment_model(cfg, table.input_shape, table.num_classes)
+        load_pruned(model, received)
+        model.to(device)
+    else:
+        model.load_state_dict(received)
 
     state_dir = str(conf["state-dir"]) if "state-dir" in conf else None
     state = current_state(context.state, state_dir, pid, round_)
@@ -162,8 +189,12 @@ def train(msg: Message, context: Context) -> Message:
             **plugin_metrics(plugins),
         }
     )
-    model.cpu()
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
-        reply_to=msg,
-    )
+    weights = model.state_dict()
+    if reusable(cfg, plugins, masks, dp):
+        # the reply keeps its own copy; the model goes back for the next client
+        weights = {k: v.detach().clone() for k, v in weights.items()}
+        model.zero_grad(set_to_none=True)
+        _models[model_key] = model
+    # in one process (LocalGrid) the reply's arrays hold the tensors' values (no np.save bytes)
+    arrays = record_of(weights, held=replies_in_process())
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

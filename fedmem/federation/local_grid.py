@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmem.federation.arrays import in_process
+
 RUN_ID = 1
 FIRST_NODE_ID = 1000  # node ids must differ from SUPERLINK_NODE_ID
 
@@ -82,7 +84,8 @@ class LocalGrid(Grid):
         if self.client_threads:
             torch.set_num_threads(self.client_threads)
         try:
-            reply = self.client_app(msg, context)
+            with in_process():  # the reply is not serialized: it may hold arrays in memory
+                reply = self.client_app(msg, context)
         except Exception as ex:  # reported, not raised, as in Flower's simulation runtime
             reason = f"{type(ex)}:<'{ex}'>"
             reply = Message(
