@@ -69,6 +69,8 @@ def test_unlearn_retrain_and_ascent(tmp_path):
     }
     federaser = result["models"]["federated-federaser-c1"]
     assert federaser["rounds"] == 2 and federaser["storage_bytes"] > 0
+    # ascent needs the final round's updates only, FedEraser every round's
+    assert 0 < result["models"]["federated-ascent-c1"]["storage_bytes"] < federaser["storage_bytes"]
     assert 0.0 <= federaser["test_acc"] <= 1.0 and federaser["l2_to_retrain"] > 0
     retrain = result["models"]["federated-retrain-c1"]
     assert retrain["l2_to_retrain"] == 0.0 and retrain["kl_to_retrain"] == pytest.approx(

@@ -139,7 +139,7 @@ def ascent(req: Request, console, settings: AscentSettings | None = None) -> Unl
         state,
         wall_s=time.perf_counter() - t0,
         rounds=s.post_rounds,
-        storage_bytes=sum(log.sizes().values()),
+        storage_bytes=log.sizes()[req.cfg.train.rounds],  # only the final round is needed
         details={
             **asdict(s),
             "radius": delta,
