@@ -160,3 +160,17 @@ def test_generator_needs_the_plugin_and_the_local_engine(tmp_path, capsys):
     cfg = [*small_overrides(tmp_path / "b"), *BASE, ON, "federation.backend=batched"]
     assert simulate(cfg) == 2
     assert "plugins.forget_generator.enabled" in capsys.readouterr().err
+
+
+def test_forgetting_deletes_the_clients_dp_accountant_with_its_generator(tmp_path):
+    from fedmem.federation.client_state import load_state
+
+    dp = ["privacy.record_level=true", "privacy.noise_multiplier=1.0", "train.rounds=1"]
+    run_dir = _run(tmp_path, ON, *dp)
+    state = load_state(run_dir / "client_state", 2, 2)
+    assert state.dp is not None and sum(state.dp["steps"]) > 0  # the accountant's history
+    assert state.plugins["forget_generator"]  # and the generator
+    assert unlearn([str(run_dir), "--client", "2", "--method", "generator"]) == 0
+    assert not (run_dir / "client_state" / "client-2").exists()
+    assert load_state(run_dir / "client_state", 2, 2).dp is None  # nothing left to read
+    assert load_state(run_dir / "client_state", 0, 2).dp is not None  # others keep theirs
