@@ -4,6 +4,8 @@
   environment before Ray starts (Ray then uses 127.0.0.1 for every address).
 - ``federation.ray_address`` (e.g. ``auto`` or ``127.0.0.1:6379``) joins an existing cluster
   instead; clients there rebuild the ExampleTable from the config.
+- A local Ray inlines task arguments and results up to 8 MiB (:data:`RAY_SYSTEM_CONFIG`: the
+  models in Flower's messages skip Ray's object store).
 - Client actors get ``federation.client_resources`` (``num_cpus``, fractional ``num_gpus``) and
   set ``torch.set_num_threads`` to their ``num_cpus``.
 - Flower's and Ray's logging are kept quiet and telemetry is off.
@@ -38,6 +40,13 @@ from flwr.serverapp import Grid  # noqa: E402
 from fedmem.federation.client_app import THREADS_ENV  # noqa: E402
 from fedmem.federation.server_app import FederatedJob, make_server_app, run_job  # noqa: E402
 from fedmem.observer import stops_here  # noqa: E402
+
+# Every train message carries the global model and every reply a client's. Ray passes
+# arguments and results above 100 KiB through its shared-memory object store (a put, a raylet
+# round trip and a fetch each); inlined in the task's RPC up to 8 MiB, the issue-16 workload's
+# rounds (100 clients, 0.3 MB models) took 0.8 s instead of 1.2-1.3 s, and the raylet's CPU
+# per round fell from 0.4 s to ~0.
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 8 * 1024 * 1024}
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,8 @@ def _init_ray(address: str | None, client_threads: int) -> None:
     }
     if address:
         ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, **common)
+    else:  # a cluster's system config is its own: set only on the Ray started here
+        ray.init(num_cpus=os.cpu_count() or 1, _system_config=RAY_SYSTEM_CONFIG, **common)
 
 
 def run_federated(job: FederatedJob) -> EngineTiming:
