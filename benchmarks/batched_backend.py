@@ -78,11 +78,13 @@ def make_config(num_clients: int, rounds: int, cache_dir: Path, backend: str) ->
 def run_path(path: str, cfg: ExperimentConfig, table: ExampleTable) -> Row:
     """One run: per-round wall and CPU seconds (rounds 2..R) and the final weights."""
     if path == "plain":
-        rows, final, _, cpu = run_floor(cfg, table)
-        walls = [r["wall_s"] for r in sorted(rows, key=lambda r: r["round"])]
+        rows, final, _, _ = run_floor(cfg, table)
+        rows = sorted(rows, key=lambda r: r["round"])
+        walls = [r["wall_s"] for r in rows]
+        cpus = [r["process_s"] for r in rows[1:]]  # at the end of rounds 1..R
         return {
             "round_s": [b - a for a, b in zip(walls[1:], walls[2:], strict=False)],
-            "cpu_s": [cpu["driver"]],  # run_floor reports the mean over rounds 2..R
+            "cpu_s": [b - a for a, b in zip(cpus, cpus[1:], strict=False)],
             "final": final,
         }
     rows: list[Row] = []

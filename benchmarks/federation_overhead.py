@@ -214,6 +214,7 @@ def run_floor(
         torch.set_num_threads(default_threads)
         train_s.append(time.perf_counter() - t)
         observer(r, global_model, examples=examples)
+        rows[-1]["process_s"] = time.process_time()  # CPU of this process, round by round
         snaps.append(cpu_snapshot())
     final = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
     return rows, final, train_s, cpu_per_round(snaps)
