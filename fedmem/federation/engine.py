@@ -160,6 +160,7 @@ def _run_ray(job: FederatedJob) -> EngineTiming:
     from flwr.simulation import run_simulation
 
     from fedmem.federation import client_app
+    from fedmem.federation.linkstate_patch import fast_message_lookup
 
     cfg = job.cfg
     t0 = time.perf_counter()
@@ -169,18 +170,19 @@ def _run_ray(job: FederatedJob) -> EngineTiming:
     _init_ray(cfg.federation.ray_address, client_threads(resources.num_cpus))
     t1 = time.perf_counter()
     try:
-        run_simulation(
-            server_app=make_server_app(job),
-            client_app=client_app.app,
-            num_supernodes=cfg.federation.num_clients,
-            backend_config={
-                "client_resources": {
-                    "num_cpus": resources.num_cpus,
-                    "num_gpus": resources.num_gpus,
+        with fast_message_lookup():  # Flower's per-tick scan is O(nodes x messages)
+            run_simulation(
+                server_app=make_server_app(job),
+                client_app=client_app.app,
+                num_supernodes=cfg.federation.num_clients,
+                backend_config={
+                    "client_resources": {
+                        "num_cpus": resources.num_cpus,
+                        "num_gpus": resources.num_gpus,
+                    },
+                    "init_args": {"log_to_driver": False, "logging_level": logging.ERROR},
                 },
-                "init_args": {"log_to_driver": False, "logging_level": logging.ERROR},
-            },
-        )
+            )
     finally:
         if ray.is_initialized():
             ray.shutdown()
