@@ -18,6 +18,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from fedmem.config import ExperimentConfig
 from fedmem.errors import ConfigError
 from fedmem.seeding import derive_seed
+from strategies.metrics import weighted_metrics
 from strategies.sampling import (
     PartitionSampled,
     RoundReport,
@@ -157,6 +158,8 @@ def build_strategy(cfg: ExperimentConfig) -> tuple[Any, PartitionSampled]:
         kwargs["proximal_mu"] = cfg.train.proximal_mu
     if cfg.privacy.user_level:
         kwargs["weighted_by_key"] = "unit-weight"
+    if "train_metrics_aggr_fn" in inspect.signature(REGISTRY[fed.strategy].__init__).parameters:
+        kwargs["train_metrics_aggr_fn"] = weighted_metrics  # Flower's math, faster
     core = cls(**kwargs)
     core.setup_fedmem(
         seed=cfg.seed,

@@ -74,7 +74,7 @@ class HeldArray(Array):
             values = values.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
         # the fields Array.__init__ sets, without its argument dispatch; data comes on demand
         self.__dict__.update(
-            dtype=str(values.dtype),
+            dtype=_dtype_name(values.dtype),
             shape=tuple(int(d) for d in values.shape),
             stype=SType.NUMPY,
             _values=values,
@@ -100,11 +100,29 @@ class HeldArray(Array):
 
 def held_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     """An ArrayRecord of CPU tensors, as ``ArrayRecord(state)`` holds them (same keys, order and
-    bytes), built from :class:`HeldArray` values (which share the tensors' memory)."""
+    bytes), built from :class:`HeldArray` values (which share the tensors' memory).
+
+    The values go into the record's dict directly: Flower's ``TypedDict.__setitem__`` only
+    checks ``isinstance(key, str)`` and ``isinstance(value, Array)``, true here by
+    construction, but builds a ``typing`` alias on every call (most of the cost of a record
+    of a few small tensors)."""
     record = ArrayRecord()
-    for name, t in state.items():
-        record[name] = HeldArray(t.detach().numpy())
+    items = {str(name): HeldArray(t.detach().numpy()) for name, t in state.items()}
+    record.__dict__["_data"].update(items)
     return record
+
+
+_DTYPE_NAMES: dict[str, str] = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, cached by the array-protocol string (``'<f4'``): numpy's ``__str__``
+    is slow, and so is comparing the dtype objects of tensors' arrays as dict keys."""
+    key = dtype.str
+    name = _DTYPE_NAMES.get(key)
+    if name is None:
+        name = _DTYPE_NAMES[key] = str(dtype)
+    return name
 
 
 def plain_array(values: np.ndarray) -> Array:

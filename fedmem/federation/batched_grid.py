@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from uuid import uuid4
 
 import torch
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmem.config import ExperimentConfig
@@ -37,6 +37,7 @@ from fedmem.federation.arrays import held_record
 from fedmem.federation.batched_train import train_clients
 from fedmem.federation.client_state import current_state, save_state
 from fedmem.federation.local_grid import LocalGrid
+from fedmem.federation.records import metric_record
 from fedmem.methods import build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import experiment_model
@@ -156,7 +157,7 @@ class BatchedGrid(LocalGrid):
             if state_dir is not None:
                 save_state(state_dir, pid, state, keep=int(conf.get("state-keep", 2)))
             n = len(rows[k])
-            metrics = MetricRecord(
+            metrics = metric_record(
                 {
                     "num-examples": n,
                     "partition-id": pid,

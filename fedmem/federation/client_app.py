@@ -36,6 +36,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
 from fedmem.federation.arrays import record_of, replies_in_process, state_dict_of
 from fedmem.federation.client_state import current_state, save_state
+from fedmem.federation.records import metric_record
 from fedmem.methods import RoundContext, build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.methods.pruning import MaskPlugin, load_pruned, masks_in_state
@@ -174,7 +175,7 @@ def train(msg: Message, context: Context) -> Message:
         save_state(state_dir, pid, state, keep=int(conf.get("state-keep", 2)))
     rounds_trained = state.rounds_trained
 
-    metrics = MetricRecord(
+    metrics = metric_record(
         {
             "num-examples": len(rows),
             "partition-id": pid,
