@@ -21,3 +21,16 @@ def test_same_record_as_flowers():
     for bad in ({"flag": True}, {"name": "text"}, {3: 1.0}):
         with pytest.raises(TypeError):
             metric_record(bad)
+
+
+def test_config_record_same_as_flowers():
+    from flwr.app import ConfigRecord
+
+    from fedmem.federation.records import config_record
+
+    items = {"round": 3, "rounds-trained": 2, "plugins/elr": True, "name": "x", "lr": 0.1}
+    assert config_record(dict(items)) == ConfigRecord(items)
+    listed = {"dp/steps": [1, 2], "dp/noise-multiplier": [1.0, 1.0]}
+    assert config_record(listed) == ConfigRecord(listed)
+    with pytest.raises(TypeError):
+        config_record({"bad": object()})

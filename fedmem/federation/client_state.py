@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
+
+from fedmem.federation.records import config_record
 
 _CONFIG_KEY = "fedmem-client"
 _ARRAYS_KEY = "fedmem-client-arrays"
@@ -56,8 +58,8 @@ class ClientState:
                     arrays[key] = v.detach().cpu()
                 else:
                     config[key] = v
-        state[_CONFIG_KEY] = ConfigRecord(config)
-        state[_ARRAYS_KEY] = ArrayRecord(arrays)
+        state[_CONFIG_KEY] = config_record(config)
+        state[_ARRAYS_KEY] = ArrayRecord(arrays) if arrays else ArrayRecord()
 
     @classmethod
     def from_context(cls, state: RecordDict) -> ClientState | None:

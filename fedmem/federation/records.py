@@ -5,16 +5,18 @@ Flower's ``TypedDict.__setitem__`` checks every key and value (``isinstance``), 
 every call: at 100 clients a round sets a few thousand items and that was a tenth of a
 batched-backend round. :func:`metric_record` puts values Flower would accept without
 question (``str`` keys; exactly ``int`` or ``float``, not ``bool``) straight into the record's
-dict, and hands anything else to Flower's own constructor, which checks it as always.
+dict, and hands anything else to Flower's own constructor, which checks it as always;
+:func:`config_record` does the same for a ``ConfigRecord`` (a client's ``context.state``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import MetricRecord
+from flwr.app import ConfigRecord, MetricRecord
 
 _PLAIN = (int, float)
+_CONFIG_PLAIN = (int, float, str, bytes, bool)
 
 
 def metric_record(items: dict[str, Any]) -> MetricRecord:
@@ -22,5 +24,15 @@ def metric_record(items: dict[str, Any]) -> MetricRecord:
     if not all(type(k) is str and type(v) in _PLAIN for k, v in items.items()):
         return MetricRecord(items)  # Flower's checks (lists, numpy scalars, bad values)
     record = MetricRecord()
+    record.__dict__["_data"].update(items)
+    return record
+
+
+def config_record(items: dict[str, Any]) -> ConfigRecord:
+    """``ConfigRecord(items)``: the same record; plain scalars (``int``, ``float``, ``str``,
+    ``bytes``, ``bool``) skip the per-item typing, anything else goes through Flower's checks."""
+    if not all(type(k) is str and type(v) in _CONFIG_PLAIN for k, v in items.items()):
+        return ConfigRecord(items)
+    record = ConfigRecord()
     record.__dict__["_data"].update(items)
     return record
