@@ -34,3 +34,19 @@ def test_config_record_same_as_flowers():
     assert config_record(listed) == ConfigRecord(listed)
     with pytest.raises(TypeError):
         config_record({"bad": object()})
+
+
+def test_put_records_as_flowers_assignment(caplog):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedmem.federation.records import put_records
+
+    items = {"arrays": ArrayRecord(), "metrics": MetricRecord({"a": 1}), "c": ConfigRecord()}
+    ours = put_records(RecordDict(), dict(items))
+    assert ours == RecordDict(items) and list(ours) == list(items)
+    assert list(ours.metric_records) == ["metrics"] and list(ours.array_records) == ["arrays"]
+    # a key that changes its record type goes through Flower's assignment (and its warning)
+    put_records(ours, {"metrics": ConfigRecord({"b": 2})})
+    assert isinstance(ours["metrics"], ConfigRecord)
+    with pytest.raises(TypeError):
+        put_records(RecordDict(), {"x": {"not": "a record"}})

@@ -37,7 +37,7 @@ from fedmem.federation.arrays import held_record
 from fedmem.federation.batched_train import train_clients
 from fedmem.federation.client_state import current_state, save_state
 from fedmem.federation.local_grid import LocalGrid
-from fedmem.federation.records import metric_record
+from fedmem.federation.records import metric_record, put_records
 from fedmem.methods import build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.models.factory import experiment_model
@@ -176,7 +176,8 @@ class BatchedGrid(LocalGrid):
             self._stamp(msg)
             replies.append(
                 Message(
-                    RecordDict({"arrays": held_record(weights), "metrics": metrics}), reply_to=msg
+                    put_records(RecordDict(), {"arrays": held_record(weights), "metrics": metrics}),
+                    reply_to=msg,
                 )
             )
         return replies

@@ -36,7 +36,7 @@ from fedmem.config import ExperimentConfig
 from fedmem.data.table import ExampleTable, cached_table
 from fedmem.federation.arrays import record_of, replies_in_process, state_dict_of
 from fedmem.federation.client_state import current_state, save_state
-from fedmem.federation.records import metric_record
+from fedmem.federation.records import metric_record, put_records
 from fedmem.methods import RoundContext, build_plugins
 from fedmem.methods.base import plugin_metrics
 from fedmem.methods.pruning import MaskPlugin, load_pruned, masks_in_state
@@ -198,4 +198,4 @@ def train(msg: Message, context: Context) -> Message:
         _models[model_key] = model
     # in one process (LocalGrid) the reply's arrays hold the tensors' values (no np.save bytes)
     arrays = record_of(weights, held=replies_in_process())
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(put_records(RecordDict(), {"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from fedmem.federation.records import config_record
+from fedmem.federation.records import config_record, put_records
 
 _CONFIG_KEY = "fedmem-client"
 _ARRAYS_KEY = "fedmem-client-arrays"
@@ -58,8 +58,13 @@ class ClientState:
                     arrays[key] = v.detach().cpu()
                 else:
                     config[key] = v
-        state[_CONFIG_KEY] = config_record(config)
-        state[_ARRAYS_KEY] = ArrayRecord(arrays) if arrays else ArrayRecord()
+        put_records(
+            state,
+            {
+                _CONFIG_KEY: config_record(config),
+                _ARRAYS_KEY: ArrayRecord(arrays) if arrays else ArrayRecord(),
+            },
+        )
 
     @classmethod
     def from_context(cls, state: RecordDict) -> ClientState | None:

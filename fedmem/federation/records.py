@@ -6,14 +6,15 @@ every call: at 100 clients a round sets a few thousand items and that was a tent
 batched-backend round. :func:`metric_record` puts values Flower would accept without
 question (``str`` keys; exactly ``int`` or ``float``, not ``bool``) straight into the record's
 dict, and hands anything else to Flower's own constructor, which checks it as always;
-:func:`config_record` does the same for a ``ConfigRecord`` (a client's ``context.state``).
+:func:`config_record` does the same for a ``ConfigRecord`` (a client's ``context.state``), and
+:func:`put_records` for the records of a ``RecordDict`` (a reply, ``context.state``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 _PLAIN = (int, float)
 _CONFIG_PLAIN = (int, float, str, bytes, bool)
@@ -36,3 +37,24 @@ def config_record(items: dict[str, Any]) -> ConfigRecord:
     record = ConfigRecord()
     record.__dict__["_data"].update(items)
     return record
+
+
+_RECORDS = (ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def put_records(target: RecordDict, items: dict[str, Any]) -> RecordDict:
+    """``target[key] = record`` for each item, as Flower's ``RecordDict.__setitem__`` does for
+    records of these types (``str`` keys; a key keeps its record type, else Flower's own
+    assignment runs and warns); returns ``target``."""
+    data = target.__dict__["_data"]
+    for key, value in items.items():
+        old = data.get(key)
+        if (
+            type(key) is str
+            and type(value) in _RECORDS
+            and (old is None or type(old) is type(value))
+        ):
+            data[key] = value
+        else:
+            target[key] = value
+    return target
