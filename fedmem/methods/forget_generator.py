@@ -128,7 +128,10 @@ def wasserstein2(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_tail(
-    model: nn.Module, names: list[str], inputs: list[torch.Tensor]
+    model: nn.Module,
+    names: list[str],
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[str, str], list[torch.Tensor]] | None:
     """Only the target layers change, so everything before them can be computed once.
 
@@ -136,6 +139,7 @@ def frozen_tail(
     input of the first target layer (the rest of its ``nn.Sequential``, or the layer alone),
     the target names inside ``tail``, and that input for each of ``inputs``; ``None`` when the
     model's output is not ``tail(features)`` (checked numerically: the general path is used).
+    ``outputs``: a list that receives the model's outputs on ``inputs`` (computed anyway).
     """
     first = names[0].rsplit(".", 1)[0]
     module = model.get_submodule(first)
@@ -148,9 +152,11 @@ def frozen_tail(
     hook = module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
         with torch.no_grad():
-            outputs = [model(x) for x in inputs]
+            computed = [model(x) for x in inputs]
     finally:
         hook.remove()
+    if outputs is not None:
+        outputs.extend(computed)
     if len(captured) != len(inputs):
         return None
     for tail, path, start in candidates:
@@ -168,7 +174,7 @@ def frozen_tail(
         with torch.no_grad():
             same = all(
                 torch.allclose(tail(f), out, atol=1e-5, rtol=1e-4)
-                for f, out in zip(captured, outputs, strict=True)
+                for f, out in zip(captured, computed, strict=True)
             )
         if same:
             return tail, rename, captured
@@ -193,13 +199,13 @@ class Objective:
         self.model, self.names, self.x, self.y = model, names, x, y
         self.step_size, self.bound, self.weight = step_size, damage_bound, damage_weight
         self.ref_x, self.ref_y = ref_x, ref_y
-        with torch.no_grad():
-            model.eval()
-            self.probs = F.softmax(model(x), 1)
-            ref_logits = model(ref_x)
-            self.ref_logp = F.log_softmax(ref_logits, 1)
-            self.ref_phi = logit_confidence(ref_logits, ref_y)
-        self.tail = frozen_tail(model, names, [x, ref_x])
+        model.eval()
+        outputs: list[torch.Tensor] = []  # one forward pass gives the outputs and the features
+        self.tail = frozen_tail(model, names, [x, ref_x], outputs)
+        logits, ref_logits = outputs
+        self.probs = F.softmax(logits, 1)
+        self.ref_logp = F.log_softmax(ref_logits, 1)
+        self.ref_phi = logit_confidence(ref_logits, ref_y)
 
     def _logits(self, new: dict[str, torch.Tensor], which: int) -> torch.Tensor:
         """The model's logits with the stepped parameters on ``x`` (0) or the reference (1)."""
