@@ -147,22 +147,36 @@ def bench(args: argparse.Namespace) -> Row:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The workload options every interleaved benchmark of the issue-16 workload takes."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=None, help="default 100 (quick: 10)")
     p.add_argument("--rounds", type=int, default=None, help="R >= 3 (default 6; quick 3)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved runs (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help=f"interleaved runs ({repeats})")
     p.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, 1 repeat")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "benchmarks")
     p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def workload_args(
+    p: argparse.ArgumentParser, argv: list[str] | None, repeats: int, name: str
+) -> argparse.Namespace:
+    """Parse, fill the quick / full defaults, check the rounds; ``results/<name>[_quick].json``."""
     args = p.parse_args(argv)
     args.clients = args.clients or (10 if args.quick else 100)
     args.rounds = args.rounds or (3 if args.quick else 6)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else repeats)
     if args.rounds < 3:
         p.error("--rounds must be >= 3 (round 1 is warm-up)")
-    args.out = args.out or RESULTS / f"batched_backend{'_quick' if args.quick else ''}.json"
+    args.out = args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = workload_parser(__doc__, repeats=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = workload_args(p, argv, 3, "batched_backend")
     torch.set_num_threads(args.threads)
     info = {
         "cpu_count": os.cpu_count(),

@@ -34,7 +34,6 @@ Writes ``results/engine.json`` (``--quick``: 10 clients, 3 rounds, one repeat,
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -49,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from batched_backend import make_config, max_diff, run_path  # noqa: E402
+from batched_backend import (  # noqa: E402
+    make_config,
+    max_diff,
+    run_path,
+    workload_args,
+    workload_parser,
+)
 from federation_overhead import run_flower, wait_gone  # noqa: E402
 
 from fedmem.config import ExperimentConfig  # noqa: E402
@@ -158,21 +163,9 @@ def table_lines(result: Row) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=None, help="default 100 (quick: 10)")
-    p.add_argument("--rounds", type=int, default=None, help="R >= 3 (default 6; quick 3)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved runs (default 5)")
+    p = workload_parser(__doc__, repeats=5)
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    p.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, 1 repeat")
-    p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "benchmarks")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    args.clients = args.clients or (10 if args.quick else 100)
-    args.rounds = args.rounds or (3 if args.quick else 6)
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    if args.rounds < 3:
-        p.error("--rounds must be >= 3 (round 1 is warm-up)")
-    args.out = args.out or RESULTS / f"engine{'_quick' if args.quick else ''}.json"
+    args = workload_args(p, argv, 5, "engine")
     torch.set_num_threads(1)
     info = {
         "cpu_count": os.cpu_count(),
