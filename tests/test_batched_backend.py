@@ -20,7 +20,7 @@ from fedmem import config
 from fedmem.errors import ConfigError
 from fedmem.federation.arrays import HeldArray, held_record, npy_header
 from fedmem.federation.batched_support import STRATEGIES
-from fedmem.federation.batched_train import train_clients
+from fedmem.federation.batched_train import chunk_size, train_clients
 from fedmem.federation.engine import run_federated
 from fedmem.models import build_model
 from fedmem.observer import Observer
@@ -199,13 +199,26 @@ def test_chunks_and_worker_threads_change_nothing(monkeypatch):
     rows = list(torch.randperm(n).split([3, 40, 17, 60, 25, 55]))
     rows = [r.sort().values for r in rows]
     one = train_clients(template, start, x, y, rows, tcfg, seed=0, round_=1)
-    monkeypatch.setattr(batched_train, "CHUNK", 2)
+    client_bytes = sum(t.numel() * t.element_size() for t in start.values())
+    monkeypatch.setattr(batched_train, "CHUNK_BYTES", 2 * client_bytes)  # 2 clients a chunk
     split = train_clients(template, start, x, y, rows, tcfg, seed=0, round_=1, workers=2)
     assert len(split.chunks) == 3 and split.steps == one.steps
     for k in range(len(rows)):
         for name, t in one.weights(k).items():
             torch.testing.assert_close(split.weights(k)[name], t, rtol=0, atol=1e-6)
         assert math.isclose(split.loss[k], one.loss[k], rel_tol=1e-6)
+
+
+def test_chunk_size_splits_evenly_over_workers_within_the_memory_cap(monkeypatch):
+    import fedmem.federation.batched_train as batched_train
+
+    monkeypatch.setattr(batched_train, "CHUNK_BYTES", 1000)
+    assert chunk_size(100, 1, 10) == 100  # one chunk per worker
+    assert chunk_size(100, 2, 10) == 50
+    assert chunk_size(101, 2, 10) == 51
+    assert chunk_size(100, 1, 30) == 25  # 33 fit under the cap: four chunks of 25
+    assert chunk_size(100, 1, 5000) == 1  # one client over the cap still trains
+    assert chunk_size(3, 8, 10) == 1
 
 
 def test_held_arrays_hold_what_flower_arrays_hold():
