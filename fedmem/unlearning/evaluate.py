@@ -110,7 +110,7 @@ def yeom_members(model: nn.Module, table: ExampleTable, clients: tuple[int, ...]
 
 
 def forgetting_rate(before: torch.Tensor, after: torch.Tensor) -> float | None:
-    """"Learn to Forget"'s forgetting rate (Liu et al. 2020): the share of the examples a
+    """The forgetting rate of "Learn to Forget" (Liu et al. 2020): the share of the examples a
     membership oracle judged members before unlearning (``before``, bool) that it judges
     non-members after (``after``); None when none was judged a member before."""
     if not bool(before.any()):
