@@ -17,7 +17,7 @@ model. Here the header is made and parsed once per (dtype, shape), with the same
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from io import BytesIO
@@ -75,7 +75,7 @@ class HeldArray(Array):
         # the fields Array.__init__ sets, without its argument dispatch; data comes on demand
         self.__dict__.update(
             dtype=_dtype_name(values.dtype),
-            shape=tuple(int(d) for d in values.shape),
+            shape=values.shape,  # a tuple of ints
             stype=SType.NUMPY,
             _values=values,
         )
@@ -98,16 +98,19 @@ class HeldArray(Array):
         return values.copy() if values is not None else super().numpy()
 
 
-def held_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord of CPU tensors, as ``ArrayRecord(state)`` holds them (same keys, order and
-    bytes), built from :class:`HeldArray` values (which share the tensors' memory).
+def held_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """An ArrayRecord of CPU tensors (or ndarrays), as ``ArrayRecord(state)`` holds them (same
+    keys, order and bytes), built from :class:`HeldArray` values (which share their memory).
 
     The values go into the record's dict directly: Flower's ``TypedDict.__setitem__`` only
     checks ``isinstance(key, str)`` and ``isinstance(value, Array)``, true here by
     construction, but builds a ``typing`` alias on every call (most of the cost of a record
     of a few small tensors)."""
     record = ArrayRecord()
-    items = {str(name): HeldArray(t.detach().numpy()) for name, t in state.items()}
+    items = {
+        str(name): HeldArray(t if isinstance(t, np.ndarray) else t.detach().numpy())
+        for name, t in state.items()
+    }
     record.__dict__["_data"].update(items)
     return record
 

@@ -55,6 +55,10 @@ class BatchedGrid(LocalGrid):
         self.workers = workers
         self._device_data: tuple[ExampleTable, torch.device, torch.Tensor, torch.Tensor] | None
         self._device_data = None
+        # kept across rounds while the experiment is the same: its model template, and per
+        # client its table rows and the share of them with a flipped label
+        self._template: tuple[ExperimentConfig, torch.nn.Module] | None = None
+        self._clients: tuple[ExampleTable, dict[int, tuple[torch.Tensor, float]]] | None = None
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -98,6 +102,23 @@ class BatchedGrid(LocalGrid):
             self._device_data = (table, device, table.x.to(device), table.y_obs.to(device))
         return self._device_data[2], self._device_data[3]  # type: ignore[index]
 
+    def _model_template(self, cfg: ExperimentConfig, table: ExampleTable) -> torch.nn.Module:
+        """The experiment's model (its parameter names and shapes; built once per config)."""
+        if self._template is None or self._template[0] is not cfg:
+            self._template = (cfg, experiment_model(cfg, table.input_shape, table.num_classes))
+        return self._template[1]
+
+    def _client(self, table: ExampleTable, pid: int) -> tuple[torch.Tensor, float]:
+        """Client ``pid``'s table rows and the share of them whose label was flipped."""
+        if self._clients is None or self._clients[0] is not table:
+            self._clients = (table, {})
+        known = self._clients[1]
+        if pid not in known:
+            rows = table.client_rows(pid)
+            noisy = float(table.is_noisy[rows].float().mean()) if len(rows) else 0.0
+            known[pid] = (rows, noisy)
+        return known[pid]
+
     def _train_clients(
         self, cfg: ExperimentConfig, table: ExampleTable, round_: int, messages: list[Message]
     ) -> list[Message]:
@@ -105,7 +126,7 @@ class BatchedGrid(LocalGrid):
         conf = messages[0].content["config"]
         state_dir = str(conf["state-dir"]) if "state-dir" in conf else None
         device = client_app.client_device(cfg)
-        template = experiment_model(cfg, table.input_shape, table.num_classes)
+        template = self._model_template(cfg, table)
         model_state = template.state_dict()
         received = messages[0].content["arrays"].to_torch_state_dict()
         if set(received) != set(model_state):
@@ -117,16 +138,18 @@ class BatchedGrid(LocalGrid):
             )
         start = {n: received[n].to(device, model_state[n].dtype) for n in model_state}
         pids = [self._pid(m) for m in messages]
-        rows = [table.client_rows(pid) for pid in pids]
+        clients = [self._client(table, pid) for pid in pids]
+        rows = [r for r, _ in clients]
         states, plugins = [], []
+        probe = build_plugins(cfg, "federated")  # FedProx's term at most (batched_support)
+        other = sorted({p.name for p in probe} - {"proximal"})
+        if other:  # a guard: batched_support refuses such configs
+            raise ValueError(f"federation.backend=batched: cannot train plug-ins {other}")
         for msg, pid in zip(messages, pids, strict=True):
             state = current_state(
                 self.contexts[msg.metadata.dst_node_id].state, state_dir, pid, round_
             )
-            active = build_plugins(cfg, "federated")  # FedProx's term at most (batched_support)
-            other = sorted({p.name for p in active} - {"proximal"})
-            if other:  # a guard: batched_support refuses such configs
-                raise ValueError(f"federation.backend=batched: cannot train plug-ins {other}")
+            active = build_plugins(cfg, "federated") if probe else []  # one set per client
             for plugin in active:
                 plugin.load_state_dict(state.plugins.get(plugin.name, {}))
             states.append(state)
@@ -147,6 +170,8 @@ class BatchedGrid(LocalGrid):
             workers=workers,
         )
         share = (time.perf_counter() - t0) / len(messages)
+        # each chunk's arrays once; a client's are numpy views into them (no torch op each)
+        chunks = [{n: t.numpy() for n, t in chunk.items()} for chunk in result.chunks]
         replies = []
         for k, (msg, pid) in enumerate(zip(messages, pids, strict=True)):
             state = states[k]
@@ -164,15 +189,15 @@ class BatchedGrid(LocalGrid):
                     "train-loss": result.loss[k],
                     "examples": result.examples[k],
                     "steps": result.steps[k],
-                    "noisy-share": float(table.is_noisy[rows[k]].float().mean()) if n else 0.0,
+                    "noisy-share": clients[k][1],
                     "rounds-trained": state.rounds_trained,
                     "train-s": share,
                     "unit-weight": 1,  # uniform aggregation for user-level DP-FedAvg
                     **plugin_metrics(plugins[k]),
                 }
             )
-            trained = result.weights(k)
-            weights = {name: trained[name].cpu() for name in model_state}
+            c, i = result.where[k]
+            weights = {name: chunks[c][name][i] for name in model_state}
             self._stamp(msg)
             replies.append(
                 Message(
