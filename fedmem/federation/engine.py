@@ -161,6 +161,7 @@ def _run_ray(job: FederatedJob) -> EngineTiming:
 
     from fedmem.federation import client_app
     from fedmem.federation.linkstate_patch import fast_message_lookup
+    from fedmem.federation.prompt_delivery import prompt_delivery
 
     cfg = job.cfg
     t0 = time.perf_counter()
@@ -170,7 +171,8 @@ def _run_ray(job: FederatedJob) -> EngineTiming:
     _init_ray(cfg.federation.ray_address, client_threads(resources.num_cpus))
     t1 = time.perf_counter()
     try:
-        with fast_message_lookup():  # Flower's per-tick scan is O(nodes x messages)
+        # Flower's per-tick scan is O(nodes x messages); its loops poll every 0.1 s
+        with fast_message_lookup(), prompt_delivery():
             run_simulation(
                 server_app=make_server_app(job),
                 client_app=client_app.app,
