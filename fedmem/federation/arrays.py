@@ -128,14 +128,27 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+class NpyArray(Array):
+    """An :class:`flwr.app.Array` (the same fields and ``np.save`` bytes, which it holds and
+    which travel with it) whose :meth:`numpy` reads the values with the parsed header from the
+    cache instead of ``np.load`` (whose header parse, ``ast.literal_eval``, costs more than the
+    copy for a client model's small arrays). Where Flower pickles messages (its Ray
+    simulation) the class travels with them, so the server's aggregation reads replies this
+    way; a message that Flower serializes itself (``flwr run``) arrives as a plain Array."""
+
+    def numpy(self) -> np.ndarray:
+        return array_values(self)
+
+
 def plain_array(values: np.ndarray) -> Array:
-    """``Array(values)`` (the same fields and bytes) with the header from the cache."""
+    """``Array(values)`` (the same fields and bytes) with the header from the cache, as an
+    :class:`NpyArray`."""
     if not values.flags.c_contiguous or values.dtype.hasobject:
         return Array(values)  # np.save's own layout (Fortran order) or refusal
     data = b"".join((npy_header(values.dtype, values.shape), values.data))
-    return Array(
-        dtype=str(values.dtype),
-        shape=tuple(int(d) for d in values.shape),
+    return NpyArray(
+        dtype=_dtype_name(values.dtype),
+        shape=values.shape,
         stype=SType.NUMPY,
         data=data,
     )
@@ -173,7 +186,7 @@ def array_values(array: Array) -> np.ndarray:
         return held.copy()
     data = array.data
     if array.stype != SType.NUMPY or len(data) < 12 or data[:6] != b"\x93NUMPY":
-        return array.numpy()
+        return Array.numpy(array)
     # npy: magic, version (2 bytes), header length (2 bytes in version 1, else 4), header
     end = (
         10 + int.from_bytes(data[8:10], "little")
@@ -187,7 +200,7 @@ def array_values(array: Array) -> np.ndarray:
         _parsed[header] = _parse(header)
     parsed = _parsed[header]
     if parsed is None:
-        return array.numpy()
+        return Array.numpy(array)
     dtype, shape, count = parsed
     return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
 
