@@ -3,8 +3,13 @@
 Each backend runs ``python -m fedmem.simulate`` in a subprocess (MNIST-1D with 12,500 examples:
 10 training rows per client, the default MLP, ``--rounds`` rounds, central run included);
 a sampler sums the resident memory (VmRSS from /proc) of the process and all its descendants
-(Ray's raylet, GCS and actors included) every 0.2 s. Reported per backend: the peak of that
-sum and the wall seconds. Goal: under 4 GB on every backend.
+(Ray's raylet, GCS and actors included) every 0.2 s, and the sum of their proportional set
+sizes (Pss from /proc/PID/smaps_rollup: a page shared by n processes counts 1/n in each, so
+the sum is the tree's real memory). Reported per backend: the peak of each sum and the wall
+seconds. Goal: under 4 GB on every backend. The RSS sum counts shared pages once per process:
+every process that imports torch maps its libraries (~0.3 GB resident of CUDA libraries
+alone for the CUDA build pip installs here), so with Ray's two actors and the driver the RSS
+sum overstates what the run holds.
 
     python benchmarks/many_clients.py [--rounds 3] [--backends local batched ray]
 
@@ -25,8 +30,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory (MB) of ``pid`` and every process descending from it."""
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """Resident memory and proportional set size (MB), each summed over ``pid`` and every
+    process descending from it."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -41,12 +57,13 @@ def tree_rss_mb(pid: int) -> float:
         children.setdefault(ppid, []).append(int(entry))
         kb = fields.get("VmRSS", "0 kB").strip().split()[0]
         rss[int(entry)] = int(kb)
-    total, stack = 0, [pid]
+    total, pss, stack = 0, 0, [pid]
     while stack:
         p = stack.pop()
         total += rss.get(p, 0)
+        pss += _pss_kb(p)
         stack.extend(children.get(p, []))
-    return total / 1024
+    return total / 1024, pss / 1024
 
 
 def measure(backend: str, rounds: int, out: Path) -> dict:
@@ -70,14 +87,19 @@ def measure(backend: str, rounds: int, out: Path) -> dict:
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    peak = 0.0
+    peak, peak_pss = 0.0, 0.0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
+        rss, pss = tree_memory_mb(proc.pid)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         time.sleep(0.2)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{backend}: simulate failed: {err[-500:]}")
-    return {"peak_rss_mb": round(peak, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "peak_rss_mb": round(peak, 1),
+        "peak_pss_mb": round(peak_pss, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
