@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmem.analysis.gradients import (
+    cosine,
     fold_gradients,
     gradient_geometry,
     layer_groups,
@@ -388,3 +389,22 @@ def test_federated_update_cosine_on_every_round(tmp_path, noise, split):
             expected = float(a @ b / (a.norm() * b.norm()))
             assert g["cos"] is not None
             assert g["cos"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cosine_does_not_depend_on_torch_threads():
+    """torch's float64 dot product groups its partial sums by thread count (the same vectors
+    gave 1-ulp different results with one and two threads); the cosine must not."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(65792, generator=g, dtype=torch.float64) for _ in range(2))
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(cosine(a, b))
+            assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1]
+    assert math.isclose(got[0], float(a @ b) / float(a.norm() * b.norm()), rel_tol=1e-12)
+    assert cosine(a, torch.zeros_like(a)) is None

@@ -86,12 +86,22 @@ def _flat(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Te
     return torch.cat([tensors[n].detach().reshape(-1).double().cpu() for n in names])
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Cosine similarity; None when either vector is zero (undefined)."""
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
-        return None
-    return float(torch.dot(a, b)) / (na * nb)
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Cosine similarity; None when either vector is zero (undefined).
+
+    Computed on one torch thread: torch's dot product and sums group their partial sums by
+    the thread count, so the same float64 vectors gave cosines differing in the last bit with
+    one and two threads (a resumed run and an uninterrupted one then wrote different numbers).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        na, nb = float(a.norm()), float(b.norm())
+        if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
+            return None
+        return float(torch.dot(a, b)) / (na * nb)
+    finally:
+        torch.set_num_threads(before)
 
 
 def fold_gradients(
@@ -210,7 +220,7 @@ def gradient_geometry(
         scale = math.sqrt(num_params) if num_params else math.nan
         gc, gn = (_flat(s, names) if s is not None else None for s in sums.values())
         row: dict[str, float | int | None] = {
-            "cos": _cos(gc, gn) if gc is not None and gn is not None else None
+            "cos": cosine(gc, gn) if gc is not None and gn is not None else None
         }
         for side in ("clean", "noisy"):
             u = norms[side][group]
@@ -303,5 +313,5 @@ def update_cosine(
         if not updates_a or not updates_b:
             out[group] = None
             continue
-        out[group] = _cos(_mean_update(updates_a, names), _mean_update(updates_b, names))
+        out[group] = cosine(_mean_update(updates_a, names), _mean_update(updates_b, names))
     return out

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from fedmem.analysis.gradients import layer_groups
+from fedmem.analysis.gradients import cosine, layer_groups
 
 STAT_FIELDS = (
     "indep_norm_of_mean",
@@ -156,13 +156,6 @@ def _layer_sums(
     return torch.cat(sums_a), torch.cat(sums_d), sq_a, sq_d, dot  # type: ignore[return-value]
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
-        return None
-    return float(torch.dot(a, b)) / (na * nb)
-
-
 def _norm_of_mean(acc: _Acc, n: int) -> float | None:
     """``sqrt(max(u, 0))``, ``u`` the unbiased estimate of ``|E g|^2`` over pairs i != j."""
     if n < 2:
@@ -225,7 +218,7 @@ def label_gradient_stats(
             "dep_norm_of_mean": _scaled(_norm_of_mean(ad, n), k),
             "indep_norm": _scaled(ai.norms / n, k) if n else None,
             "dep_norm": _scaled(ad.norms / n, k) if n else None,
-            "cos_of_mean_parts": _cos(ai.total, ad.total) if n else None,
+            "cos_of_mean_parts": cosine(ai.total, ad.total) if n else None,
             "cos_parts": cos_sum[g] / cos_count[g] if cos_count[g] else None,
             "num_params": sizes[g],
             "num_examples": n,
