@@ -219,6 +219,7 @@ def test_chunk_size_splits_evenly_over_workers_within_the_memory_cap(monkeypatch
     assert chunk_size(100, 1, 30) == 25  # 33 fit under the cap: four chunks of 25
     assert chunk_size(100, 1, 5000) == 1  # one client over the cap still trains
     assert chunk_size(3, 8, 10) == 1
+    assert chunk_size(0, 2, 10) == 1  # a round without clients trains no chunk
 
 
 def test_held_arrays_hold_what_flower_arrays_hold():

@@ -80,10 +80,12 @@ class StackedResult:
 def chunk_size(k_total: int, workers: int, client_bytes: int) -> int:
     """Clients per chunk on CPU: an even split over ``workers`` threads, at most as many as
     keep a chunk's parameters (``client_bytes`` each) under :data:`CHUNK_BYTES`."""
+    if k_total <= 0:
+        return 1  # no clients: no chunks
     per_worker = -(-k_total // max(1, workers))
     by_memory = max(1, CHUNK_BYTES // max(1, client_bytes))
-    chunks = -(-k_total // max(1, min(per_worker, by_memory)))
-    return max(1, -(-k_total // chunks))  # the same number of chunks, sizes as even as can be
+    chunks = -(-k_total // min(per_worker, by_memory))
+    return -(-k_total // chunks)  # the same number of chunks, sizes as even as can be
 
 
 def batch_plan(
